@@ -1,0 +1,57 @@
+"""
+Boundless: a self-hosted, OpenAI-compatible LLM API gateway.
+
+``create_app`` builds the WSGI app: settings → catalogue → database → limits → upstream client → routes.
+Every module with app wiring exposes ``init_app(app)``; this factory only calls them.
+"""
+from __future__ import annotations
+
+import logging
+
+from flask import Flask
+
+from . import catalog
+from . import errors
+from . import models
+from . import schema
+from .keys import KeyCache
+from .ratelimit import RateLimiter
+from .settings import default_ratelimit_storage
+from .settings import from_env
+from .state import State
+from .upstream import UpstreamClient
+
+
+def create_app(test_config: dict | None = None) -> Flask:
+    """Create and configure the gateway app.
+
+    :param test_config: settings that override the environment (tests).
+    :raise ConfigurationError: for any invalid setting or catalogue; the message says what to fix.
+    """
+    app = Flask(__name__)
+    app.config.update(from_env())
+    if test_config:
+        app.config.update(test_config)
+    app.config["MAX_CONTENT_LENGTH"] = int(app.config["BOUNDLESS_MAX_BODY_BYTES"])
+    app.json.sort_keys = False
+    logging.getLogger("boundless").setLevel(logging.INFO)
+
+    errors.init_app(app)
+    models.init_app(app)
+    with models.db.connection_context():
+        schema.ensure()
+
+    cat = catalog.load(app.config["BOUNDLESS_CONFIG"])
+    storage = app.config["BOUNDLESS_RATELIMIT_STORAGE"] or default_ratelimit_storage(
+        app.config["BOUNDLESS_DATABASE_URL"])
+    app.extensions["boundless"] = State(
+        catalog=cat,
+        limiter=RateLimiter(storage, cat.limits.day_timezone),
+        keys=KeyCache(float(app.config["BOUNDLESS_KEY_CACHE_SECONDS"])),
+        upstream=UpstreamClient(float(app.config["BOUNDLESS_UPSTREAM_CONNECT_TIMEOUT"]),
+                                float(app.config["BOUNDLESS_UPSTREAM_READ_TIMEOUT"])),
+    )
+
+    from .api import bp
+    app.register_blueprint(bp)
+    return app

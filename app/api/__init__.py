@@ -1,0 +1,41 @@
+"""
+app.api
+~~~~~~~
+
+The ``/api/v1`` blueprint: every route here is authenticated by key and carries the rate-limit headers.
+"""
+from __future__ import annotations
+
+from flask import Blueprint
+from flask import Response
+from flask import g
+from flask import request
+
+from ..auth import authenticate
+from ..billing import new_request_id
+from ..state import state
+
+bp = Blueprint("api", __name__, url_prefix="/api/v1")
+
+
+@bp.before_request
+def _authenticate() -> None:
+    g.request_id = new_request_id()
+    key = authenticate()
+    if request.method == "GET":       # reads are not counted, but they report what is left
+        g._boundless_rate = state().limiter.peek(key.id, *state().limits_for(key))
+
+
+@bp.after_request
+def _headers(resp: Response) -> Response:
+    rid = g.get("request_id")
+    if rid:
+        resp.headers["X-Request-Id"] = rid
+    decision = g.get("_boundless_rate")
+    if decision is not None:
+        resp.headers.update(decision.headers())
+    return resp
+
+
+# The routes register themselves on ``bp``; imported last because they import ``bp`` from here.
+from . import routes  # noqa: E402,F401

@@ -1,0 +1,88 @@
+"""
+app.api.routes
+~~~~~~~~~~~~~~
+
+The views. Each narrates its request path; the work lives in plain modules.
+"""
+from __future__ import annotations
+
+import time
+
+from flask import Response
+from flask import g
+from flask import jsonify
+from flask import request
+
+from .. import billing
+from .. import proxy
+from ..auth import authenticate
+from ..errors import InvalidRequest
+from ..errors import ModelNotFound
+from ..jsonio import loads
+from ..state import state
+from . import bp
+
+
+@bp.get("/models")
+def list_models() -> Response:
+    """The catalogue, in OpenAI's list shape."""
+    data = [{"id": m.id, "object": "model", "created": 0, "owned_by": m.owned_by}
+            for m in state().catalog.models.values()]
+    return jsonify({"object": "list", "data": data})
+
+
+@bp.get("/key")
+def key_info() -> Response:
+    """The calling key's balance, spending and limits (not rate-counted)."""
+    key = authenticate()
+    decision = g._boundless_rate
+    return jsonify({"data": {**billing.key_summary(key.id), "rpm": decision.rpm, "rpd": decision.rpd,
+                             "remaining_rpm": decision.remaining_rpm, "remaining_rpd": decision.remaining_rpd}})
+
+
+@bp.post("/chat/completions")
+def chat_completions() -> Response:
+    """auth (before_request) → validate → resolve → limit → reserve → upstream → relay → settle."""
+    started = time.perf_counter()
+    gw = state()
+    key = authenticate()
+    raw, body = parse_chat_body()
+    model = gw.catalog.resolve(body["model"])
+    if model is None:
+        raise ModelNotFound(f"The model '{body['model']}' does not exist or you do not have access to it.",
+                            param="model")
+    g._boundless_rate = decision = gw.limiter.hit(key.id, *gw.limits_for(key))
+    if decision.refused:
+        raise decision.error()
+    stream = body.get("stream") is True
+    lease = billing.reserve(key.id, model, body, raw, stream, g.request_id)
+    out, status, headers = proxy.forward(gw.upstream, model, body, lease, started, gw.finish)
+    return Response(out, status=status, headers=headers)
+
+
+def parse_chat_body() -> tuple[bytes, dict]:
+    """The raw body and its JSON object, checked as far as the gateway itself needs it.
+
+    :raise InvalidRequest: 400 for anything that is not a chat request.
+    """
+    raw = request.get_data(cache=False)        # 413 above MAX_CONTENT_LENGTH
+    try:
+        body = loads(raw)
+    except ValueError:
+        raise InvalidRequest("We could not parse the JSON body of your request. The body must be a JSON object "
+                             "(see https://platform.openai.com/docs/api-reference/chat).") from None
+    if not isinstance(body, dict):
+        raise InvalidRequest("The request body must be a JSON object.")
+    model = body.get("model")
+    if not isinstance(model, str) or not model:
+        raise InvalidRequest("'model' is required and must be a string naming a model.", param="model")
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise InvalidRequest("'messages' is required and must be a non-empty array.", param="messages")
+    if not all(isinstance(m, dict) for m in messages):
+        raise InvalidRequest("Every item of 'messages' must be an object.", param="messages")
+    if body.get("stream") not in (None, True, False):
+        raise InvalidRequest("'stream' must be a boolean.", param="stream")
+    if body.get("stream_options") is not None and not isinstance(body["stream_options"], dict):
+        raise InvalidRequest("'stream_options' must be an object.", param="stream_options")
+    return raw, body

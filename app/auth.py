@@ -1,0 +1,38 @@
+"""
+app.auth
+~~~~~~~~
+
+Who is calling: ``Authorization: Bearer sk-...`` → SHA-256 → the key's row (cached briefly per process).
+"""
+from __future__ import annotations
+
+from flask import g
+from flask import request
+
+from .errors import AuthenticationError
+from .keys import KeyInfo
+from .keys import mask
+from .state import state
+
+
+def authenticate() -> KeyInfo:
+    """Return the calling key, memoised on ``g`` for the rest of the request.
+
+    :raise AuthenticationError: 401 when the key is missing, malformed, unknown or revoked.
+    """
+    key = g.get("_boundless_key")
+    if key is not None:
+        return key
+    header = request.headers.get("Authorization", "")
+    scheme, _, token = header.partition(" ")
+    token = token.strip()
+    if not header:
+        raise AuthenticationError("You didn't provide an API key. Send it in the Authorization header as "
+                                  "'Authorization: Bearer sk-...'.")
+    if scheme.lower() != "bearer" or not token:
+        raise AuthenticationError("The Authorization header must be 'Bearer sk-...'.")
+    info = state().keys.lookup(token)
+    if info is None:
+        raise AuthenticationError(f"Incorrect API key provided: {mask(token)}. The key is unknown or revoked.")
+    g._boundless_key = info
+    return info

@@ -1,0 +1,230 @@
+"""
+app.catalog
+~~~~~~~~~~~
+
+The catalogue: providers, models, prices and default limits, read once from a TOML file.
+
+Every mistake in the file is refused at start-up with the line it is on, so a running gateway always has a
+valid catalogue. Prices are :class:`~decimal.Decimal` credits per 1M tokens (TOML floats are parsed as
+decimals, never as binary floats). This module does not import Flask.
+"""
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+import zoneinfo
+from dataclasses import dataclass
+from dataclasses import field
+from decimal import Decimal
+from pathlib import Path
+
+from .errors import ConfigurationError
+
+#: Completion tokens assumed for a paid request that gives no ``max_tokens`` and whose model has no
+#: ``max_output_tokens`` in the catalogue.
+DEFAULT_MAX_OUTPUT_TOKENS = 8192
+
+_LIMIT_KEYS = {"rpm", "rpd", "day_timezone"}
+_PROVIDER_KEYS = {"base_url", "api_key_env", "headers"}
+_MODEL_KEYS = {"provider", "upstream_model", "owned_by", "input_price", "output_price", "max_output_tokens"}
+_TOP_KEYS = {"limits", "providers", "models"}
+
+
+@dataclass(frozen=True)
+class Provider:
+    name: str
+    base_url: str
+    api_key_env: str | None
+    headers: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def chat_url(self) -> str:
+        return self.base_url.rstrip("/") + "/chat/completions"
+
+    def api_key(self) -> str | None:
+        """Read the provider key from the environment at call time (never stored in the catalogue)."""
+        return os.environ.get(self.api_key_env) if self.api_key_env else None
+
+
+@dataclass(frozen=True)
+class Model:
+    id: str
+    provider: Provider
+    upstream_model: str
+    owned_by: str
+    input_price: Decimal = Decimal(0)
+    output_price: Decimal = Decimal(0)
+    max_output_tokens: int = DEFAULT_MAX_OUTPUT_TOKENS
+
+    @property
+    def paid(self) -> bool:
+        return bool(self.input_price or self.output_price)
+
+
+@dataclass(frozen=True)
+class Limits:
+    rpm: int = 20
+    rpd: int = 50
+    day_timezone: str = "UTC"
+
+
+@dataclass(frozen=True)
+class Catalog:
+    limits: Limits
+    providers: dict[str, Provider]
+    models: dict[str, Model]
+    path: str = ""
+
+    def resolve(self, model_id: str) -> Model | None:
+        return self.models.get(model_id)
+
+
+class _Where:
+    """Find the line of a table or key in the TOML text, for error messages (tomllib gives no positions)."""
+
+    def __init__(self, path: str, text: str) -> None:
+        self.path = path
+        self.lines = text.splitlines()
+
+    def _header_line(self, table: tuple[str, ...]) -> int | None:
+        for i, line in enumerate(self.lines):
+            m = re.match(r"\s*\[([^\[\]]+)\]\s*(#.*)?$", line)
+            if m and _split_dotted(m.group(1)) == list(table):
+                return i
+        return None
+
+    def line(self, table: tuple[str, ...], key: str | None = None) -> int | None:
+        start = self._header_line(table) if table else -1
+        if start is None:
+            return None
+        if key is None:
+            return start + 1
+        for i in range(start + 1, len(self.lines)):
+            line = self.lines[i].strip()
+            if line.startswith("["):
+                break
+            m = re.match(r'("([^"]*)"|[A-Za-z0-9_-]+)\s*=', line)
+            if m and (m.group(2) if m.group(2) is not None else m.group(1)) == key:
+                return i + 1
+        return start + 1
+
+    def error(self, message: str, table: tuple[str, ...], key: str | None = None) -> ConfigurationError:
+        n = self.line(table, key)
+        where = f"{self.path}:{n}" if n else self.path
+        return ConfigurationError(f"{where}: {message}")
+
+
+def _split_dotted(s: str) -> list[str]:
+    return [p.strip().strip('"').strip("'") for p in re.findall(r'"[^"]*"|\'[^\']*\'|[^.]+', s)]
+
+
+def load(path: str | os.PathLike) -> Catalog:
+    """Read and validate the catalogue at ``path``.
+
+    :raise ConfigurationError: with ``file:line`` for any unknown key, bad value or dangling reference.
+    """
+    path = str(path)
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as err:
+        raise ConfigurationError(f"cannot read the catalogue {path}: {err.strerror}") from err
+    try:
+        data = tomllib.loads(text, parse_float=Decimal)
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigurationError(f"{path}: {err}") from err
+    return parse(data, _Where(path, text))
+
+
+def parse(data: dict, where: _Where) -> Catalog:
+    for key in data:
+        if key not in _TOP_KEYS:
+            raise where.error(f"unknown top-level key {key!r} (expected one of: limits, providers, models)", (), key)
+    limits = _parse_limits(data.get("limits", {}), where)
+    providers = {name: _parse_provider(name, spec, where) for name, spec in _table(data, "providers", where).items()}
+    models = {mid: _parse_model(mid, spec, providers, where) for mid, spec in _table(data, "models", where).items()}
+    return Catalog(limits=limits, providers=providers, models=models, path=where.path)
+
+
+def _table(data: dict, name: str, where: _Where) -> dict:
+    value = data.get(name, {})
+    if not isinstance(value, dict) or not all(isinstance(v, dict) for v in value.values()):
+        raise where.error(f"[{name}] must contain tables like [{name}.NAME]", (name,))
+    return value
+
+
+def _unknown(spec: dict, allowed: set[str], table: tuple[str, ...], where: _Where) -> None:
+    for key in spec:
+        if key not in allowed:
+            raise where.error(f"unknown key {key!r} in [{'.'.join(table)}] (allowed: {', '.join(sorted(allowed))})",
+                              table, key)
+
+
+def _int(spec: dict, key: str, default: int, table: tuple[str, ...], where: _Where, minimum: int = 0) -> int:
+    value = spec.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise where.error(f"{key} must be an integer >= {minimum}, not {value!r}", table, key)
+    return value
+
+
+def _str(spec: dict, key: str, table: tuple[str, ...], where: _Where, default: str | None = None) -> str | None:
+    value = spec.get(key, default)
+    if value is not None and (not isinstance(value, str) or not value):
+        raise where.error(f"{key} must be a non-empty string, not {value!r}", table, key)
+    return value
+
+
+def _parse_limits(spec: dict, where: _Where) -> Limits:
+    table = ("limits",)
+    if not isinstance(spec, dict):
+        raise where.error("[limits] must be a table", table)
+    _unknown(spec, _LIMIT_KEYS, table, where)
+    tz = _str(spec, "day_timezone", table, where, "UTC")
+    try:
+        zoneinfo.ZoneInfo(tz)
+    except (zoneinfo.ZoneInfoNotFoundError, ValueError) as err:
+        raise where.error(f"day_timezone {tz!r} is not a known time zone", table, "day_timezone") from err
+    return Limits(rpm=_int(spec, "rpm", 20, table, where), rpd=_int(spec, "rpd", 50, table, where), day_timezone=tz)
+
+
+def _parse_provider(name: str, spec: dict, where: _Where) -> Provider:
+    table = ("providers", name)
+    _unknown(spec, _PROVIDER_KEYS, table, where)
+    base_url = _str(spec, "base_url", table, where)
+    if not base_url or not re.match(r"https?://", base_url):
+        raise where.error("base_url must be an http:// or https:// URL", table, "base_url")
+    headers = spec.get("headers", {})
+    if not isinstance(headers, dict) or not all(isinstance(v, str) for v in headers.values()):
+        raise where.error("headers must be a table of strings", table, "headers")
+    return Provider(name=name, base_url=base_url, api_key_env=_str(spec, "api_key_env", table, where),
+                    headers=dict(headers))
+
+
+def _price(spec: dict, key: str, table: tuple[str, ...], where: _Where) -> Decimal:
+    value = spec.get(key, 0)
+    if isinstance(value, bool) or not isinstance(value, (int, Decimal)) or not Decimal(value).is_finite():
+        raise where.error(f"{key} must be a number of credits per 1M tokens, not {value!r}", table, key)
+    value = Decimal(value)
+    if value < 0:
+        raise where.error(f"{key} must not be negative ({value})", table, key)
+    return value
+
+
+def _parse_model(mid: str, spec: dict, providers: dict[str, Provider], where: _Where) -> Model:
+    table = ("models", mid)
+    _unknown(spec, _MODEL_KEYS, table, where)
+    pname = _str(spec, "provider", table, where)
+    if pname is None:
+        raise where.error("provider is required", table)
+    if pname not in providers:
+        raise where.error(f"model {mid!r} names provider {pname!r}, which is not defined in [providers]",
+                          table, "provider")
+    return Model(
+        id=mid,
+        provider=providers[pname],
+        upstream_model=_str(spec, "upstream_model", table, where, mid),
+        owned_by=_str(spec, "owned_by", table, where, pname),
+        input_price=_price(spec, "input_price", table, where),
+        output_price=_price(spec, "output_price", table, where),
+        max_output_tokens=_int(spec, "max_output_tokens", DEFAULT_MAX_OUTPUT_TOKENS, table, where, minimum=1),
+    )

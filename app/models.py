@@ -1,0 +1,147 @@
+"""
+app.models
+~~~~~~~~~~
+
+The database: API keys, credit entries and the usage ledger, on SQLite, PostgreSQL or MySQL/MariaDB.
+
+The database is deferred (:data:`db` is a proxy) and chosen from ``BOUNDLESS_DATABASE_URL`` by
+:func:`init_app`. Connections come from a pool and are tied to the request. Money is integer micro-credits
+(see app/credits.py); the ``CHECK`` constraint makes a negative balance impossible at the database level.
+"""
+from __future__ import annotations
+
+import datetime
+
+from flask import Flask
+from peewee import AutoField
+from peewee import BigIntegerField
+from peewee import BooleanField
+from peewee import CharField
+from peewee import Check
+from peewee import DatabaseProxy
+from peewee import DateTimeField
+from peewee import FloatField
+from peewee import ForeignKeyField
+from peewee import IntegerField
+from peewee import Model
+from peewee import SmallIntegerField
+from playhouse.db_url import connect as db_url_connect
+
+#: Version of the schema this code runs on; see app/migrations.py.
+SCHEMA_VERSION = 1
+
+db = DatabaseProxy()
+
+SQLITE_PRAGMAS = {"journal_mode": "wal", "busy_timeout": 10000, "synchronous": "normal", "foreign_keys": 1}
+
+
+def utcnow() -> datetime.datetime:
+    return datetime.datetime.now(datetime.timezone.utc).replace(tzinfo=None)
+
+
+def make_database(url: str):
+    """Build a pooled peewee database from a db_url (``sqlite:///``, ``postgresql://``, ``mysql://``).
+
+    Pooled, so that a connection outlives the request that used it (threads and greenlets both). SQLite gets
+    WAL, a busy timeout and ``BEGIN IMMEDIATE`` transactions, so a transaction that reads then writes waits
+    for the write lock instead of failing with "database is locked".
+    """
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        raise ValueError(f"not a database URL: {url!r}")
+    if "+pool" not in scheme:
+        scheme += "+pool"
+    url = f"{scheme}://{rest}"
+    opts: dict = {"max_connections": None, "stale_timeout": 300}
+    if scheme.startswith("sqlite"):
+        opts.update(pragmas=SQLITE_PRAGMAS, lock_type="IMMEDIATE", timeout=10, check_same_thread=False)
+    elif scheme.startswith(("mysql", "mariadb")):
+        opts.update(charset="utf8mb4")
+    return db_url_connect(url, unquote_password=True, **opts)
+
+
+class BaseModel(Model):
+    class Meta:
+        database = db
+        legacy_table_names = False
+
+
+class ApiKey(BaseModel):
+    """A caller's key: only its SHA-256 digest and a display prefix are stored."""
+
+    id = AutoField()
+    name = CharField(max_length=100, unique=True)
+    key_hash = CharField(max_length=64, unique=True)
+    prefix = CharField(max_length=16)
+    rpm = IntegerField(null=True)          # None = the catalogue default
+    rpd = IntegerField(null=True)
+    balance = BigIntegerField(default=0, constraints=[Check("balance >= 0")])   # micro-credits
+    spent = BigIntegerField(default=0)     # micro-credits charged so far
+    revoked = BooleanField(default=False)
+    created_at = DateTimeField(default=utcnow)
+    revoked_at = DateTimeField(null=True)
+
+    class Meta:
+        table_name = "api_key"
+
+
+class CreditEntry(BaseModel):
+    """Every change to a balance that is not a charge: opening balance, top-ups, explicit settings."""
+
+    id = AutoField()
+    key = ForeignKeyField(ApiKey, backref="credit_entries", on_delete="CASCADE")
+    amount = BigIntegerField()             # signed micro-credits
+    kind = CharField(max_length=10)        # open | topup | set
+    created_at = DateTimeField(default=utcnow)
+
+    class Meta:
+        table_name = "credit_entry"
+
+
+class Usage(BaseModel):
+    """The ledger: one row per chat request that reached the upstream stage.
+
+    ``state`` is ``held`` while a paid request's worst case is reserved, then ``settled`` with the real
+    ``charge`` (and the rest of ``reserved`` given back) in one transaction.
+    """
+
+    id = AutoField()
+    request_id = CharField(max_length=40, unique=True)
+    key = ForeignKeyField(ApiKey, backref="usage", on_delete="CASCADE")
+    model = CharField(max_length=200, index=True)
+    created_at = DateTimeField(default=utcnow, index=True)
+    state = CharField(max_length=8, default="held", index=True)    # held | settled
+    stream = BooleanField(default=False)
+    reserved = BigIntegerField(default=0)
+    charge = BigIntegerField(default=0)
+    prompt_tokens = IntegerField(default=0)
+    completion_tokens = IntegerField(default=0)
+    estimated = BooleanField(default=False)
+    status = SmallIntegerField(null=True)   # HTTP status the upstream answered with (None: never answered)
+    outcome = CharField(max_length=24, default="")   # complete | client_closed | upstream_cut | upstream_error ...
+    latency_ms = FloatField(null=True)
+    ttfb_ms = FloatField(null=True)
+
+    class Meta:
+        table_name = "usage"
+
+
+class SchemaInfo(BaseModel):
+    id = IntegerField(primary_key=True)
+    version = IntegerField()
+
+    class Meta:
+        table_name = "schema_info"
+
+
+MODELS = (ApiKey, CreditEntry, Usage, SchemaInfo)
+
+
+def init_app(app: Flask) -> None:
+    """Bind :data:`db` to the configured database and tie a pooled connection to each request."""
+    db.initialize(make_database(app.config["BOUNDLESS_DATABASE_URL"]))
+
+    @app.teardown_request
+    def _release_connection(exc):         # may run twice for a streamed response; must be idempotent
+        if not db.is_closed():
+            db.close()

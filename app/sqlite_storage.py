@@ -1,0 +1,132 @@
+"""
+app.sqlite_storage
+~~~~~~~~~~~~~~~~~~
+
+A ``sqlite://`` storage for the ``limits`` library: counters in an SQLite file that every gunicorn worker of
+one box shares and that survive a restart.
+
+limits has no SQL backend; this one registers itself through limits' documented storage registry (the
+``STORAGE_SCHEME`` class attribute) on import. Fixed-window counters only, which is all the gateway uses.
+Each ``incr`` is one ``INSERT … ON CONFLICT … RETURNING`` statement, so it is one atomic write in
+autocommit mode; a negative amount gives a hit back and never takes a counter below zero. Connections are
+pooled per process (re-created after a fork), so threads and greenlets share a few connections rather than
+opening one each.
+
+URI: ``sqlite:///relative/path.db`` or ``sqlite:////absolute/path.db`` (peewee's convention).
+"""
+from __future__ import annotations
+
+import os
+import queue
+import random
+import sqlite3
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+from urllib.parse import urlparse
+
+from limits.storage import Storage
+
+_SCHEMA = (
+    "CREATE TABLE IF NOT EXISTS ratelimit_counter ("
+    " key TEXT PRIMARY KEY, value INTEGER NOT NULL, expires_at REAL NOT NULL) WITHOUT ROWID",
+    "CREATE INDEX IF NOT EXISTS ratelimit_counter_exp ON ratelimit_counter(expires_at)",
+)
+
+_INCR = (
+    "INSERT INTO ratelimit_counter(key, value, expires_at) VALUES (:key, max(:amount, 0), :now + :expiry) "
+    "ON CONFLICT(key) DO UPDATE SET "
+    " value = CASE WHEN ratelimit_counter.expires_at <= :now THEN max(excluded.value, 0)"
+    "              ELSE max(ratelimit_counter.value + :amount, 0) END,"
+    " expires_at = CASE WHEN ratelimit_counter.expires_at <= :now THEN excluded.expires_at"
+    "                   ELSE ratelimit_counter.expires_at END "
+    "RETURNING value")
+
+
+class SQLiteStorage(Storage):
+    """Fixed-window rate-limit counters in an SQLite file (WAL, busy timeout, one statement per hit)."""
+
+    STORAGE_SCHEME = ["sqlite"]
+
+    def __init__(self, uri: str, wrap_exceptions: bool = False, **options) -> None:
+        parsed = urlparse(uri)
+        path = parsed.path[1:] if parsed.path.startswith("/") else parsed.path
+        if not path or path == ":memory:":
+            raise ValueError("the sqlite rate-limit storage needs a file path that all workers share")
+        self.path = path
+        self.busy_timeout = float(options.pop("busy_timeout", 10.0))
+        self.purge_probability = float(options.pop("purge_probability", 0.001))
+        self._pool: queue.SimpleQueue[sqlite3.Connection] = queue.SimpleQueue()
+        self._pid = os.getpid()
+        self._schema_ready = False
+        super().__init__(uri, wrap_exceptions=wrap_exceptions, **options)
+
+    @property
+    def base_exceptions(self) -> type[Exception]:
+        return sqlite3.Error
+
+    def _connect(self) -> sqlite3.Connection:
+        Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+        conn = sqlite3.connect(self.path, timeout=self.busy_timeout, isolation_level=None, check_same_thread=False)
+        conn.execute(f"PRAGMA busy_timeout={int(self.busy_timeout * 1000)}")   # before the WAL switch needs a lock
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute("PRAGMA synchronous=NORMAL")
+        if not self._schema_ready:
+            for stmt in _SCHEMA:
+                conn.execute(stmt)
+            self._schema_ready = True
+        return conn
+
+    @contextmanager
+    def _conn(self) -> Iterator[sqlite3.Connection]:
+        if self._pid != os.getpid():          # forked: the parent's connections are not ours to use
+            self._pool, self._pid = queue.SimpleQueue(), os.getpid()
+        try:
+            conn = self._pool.get_nowait()
+        except queue.Empty:
+            conn = self._connect()
+        try:
+            yield conn
+        except BaseException:
+            conn.close()
+            raise
+        else:
+            self._pool.put(conn)
+
+    def incr(self, key: str, expiry: float, amount: int = 1) -> int:
+        now = time.time()
+        with self._conn() as conn:
+            rows = conn.execute(_INCR, {"key": key, "amount": amount, "now": now, "expiry": expiry}).fetchall()
+            if random.random() < self.purge_probability:
+                conn.execute("DELETE FROM ratelimit_counter WHERE expires_at <= ?", (now,))
+        return int(rows[0][0])
+
+    def get(self, key: str) -> int:
+        with self._conn() as conn:
+            row = conn.execute("SELECT value FROM ratelimit_counter WHERE key = ? AND expires_at > ?",
+                               (key, time.time())).fetchone()
+        return int(row[0]) if row else 0
+
+    def get_expiry(self, key: str) -> float:
+        now = time.time()
+        with self._conn() as conn:
+            row = conn.execute("SELECT expires_at FROM ratelimit_counter WHERE key = ? AND expires_at > ?",
+                               (key, now)).fetchone()
+        return float(row[0]) if row else now
+
+    def check(self) -> bool:
+        try:
+            with self._conn() as conn:
+                conn.execute("SELECT count(*) FROM ratelimit_counter").fetchone()
+            return True
+        except sqlite3.Error:
+            return False
+
+    def reset(self) -> int | None:
+        with self._conn() as conn:
+            return conn.execute("DELETE FROM ratelimit_counter").rowcount
+
+    def clear(self, key: str) -> None:
+        with self._conn() as conn:
+            conn.execute("DELETE FROM ratelimit_counter WHERE key = ?", (key,))

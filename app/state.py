@@ -1,0 +1,41 @@
+"""
+app.state
+~~~~~~~~~
+
+What one gateway app holds for the life of the process, built once by ``create_app`` and kept in
+``app.extensions["boundless"]`` (never in module globals).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from dataclasses import field
+from typing import Callable
+
+from flask import current_app
+
+from .catalog import Catalog
+from .keys import KeyCache
+from .ratelimit import RateLimiter
+from .upstream import UpstreamClient
+
+
+@dataclass
+class State:
+    catalog: Catalog
+    limiter: RateLimiter
+    keys: KeyCache
+    upstream: UpstreamClient
+    #: Called once per finished chat request with (lease, outcome): logs and metrics hook in here.
+    finish_hooks: list[Callable] = field(default_factory=list)
+
+    def finish(self, lease, outcome) -> None:
+        for hook in self.finish_hooks:
+            hook(lease, outcome)
+
+    def limits_for(self, key) -> tuple[int, int]:
+        d = self.catalog.limits
+        return (key.rpm if key.rpm is not None else d.rpm, key.rpd if key.rpd is not None else d.rpd)
+
+
+def state() -> State:
+    return current_app.extensions["boundless"]
