@@ -3,21 +3,27 @@ app.jsonio
 ~~~~~~~~~~
 
 JSON for request and response bodies: orjson (several times faster than the standard library on the hot
-path), falling back to ``json`` only for what orjson refuses but JSON allows (integers beyond 64 bits).
+path), with the standard library wherever orjson would change a value: orjson reads integers beyond 64 bits
+as floats, so a body with a run of 19 or more digits is parsed by ``json``, which keeps them exact.
 """
 from __future__ import annotations
 
 import json
+import re
 
 import orjson
 
+_LONG_NUMBER = re.compile(rb"\d{19}")
 
-def loads(data: bytes | str):
+
+def loads(data: bytes):
     """Parse JSON; raise ValueError when it is not JSON."""
+    if _LONG_NUMBER.search(data):
+        return json.loads(data)
     try:
         return orjson.loads(data)
     except orjson.JSONDecodeError:
-        return json.loads(data)     # raises ValueError (JSONDecodeError) for what is really not JSON
+        return json.loads(data)     # what orjson refuses but JSON allows; raises ValueError if not JSON
 
 
 def dumps(obj) -> bytes:

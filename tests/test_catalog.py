@@ -1,0 +1,95 @@
+"""The TOML catalogue: the shipped file loads, and every mistake is refused with its line."""
+from __future__ import annotations
+
+import textwrap
+from decimal import Decimal
+
+import pytest
+
+from app import catalog
+from app.errors import ConfigurationError
+from app.settings import ROOT
+
+GOOD = """\
+[limits]
+rpm = 7
+rpd = 70
+day_timezone = "Asia/Shanghai"
+
+[providers.p]
+base_url = "http://127.0.0.1:9/v1"
+api_key_env = "P_KEY"
+
+[models."m-free"]
+provider = "p"
+
+[models."m-paid"]
+provider = "p"
+upstream_model = "up-paid"
+owned_by = "someone"
+input_price = 0.28
+output_price = 1.1
+max_output_tokens = 64
+"""
+
+
+def load(tmp_path, text):
+    path = tmp_path / "c.toml"
+    path.write_text(textwrap.dedent(text))
+    return catalog.load(path)
+
+
+def test_shipped_catalogue_loads():
+    cat = catalog.load(ROOT / "config" / "boundless.toml")
+    assert cat.limits.rpm == 20 and cat.limits.rpd == 50 and cat.limits.day_timezone == "UTC"
+    assert {"deepseek-chat", "gpt-4o"} <= set(cat.models)
+    assert cat.models["deepseek-chat"].provider.base_url == "https://api.deepseek.com/v1"
+    assert cat.models["deepseek-chat"].provider.api_key_env == "DEEPSEEK_API_KEY"
+    assert all(m.paid for m in cat.models.values())
+
+
+def test_fields_and_defaults(tmp_path):
+    cat = load(tmp_path, GOOD)
+    assert (cat.limits.rpm, cat.limits.rpd, cat.limits.day_timezone) == (7, 70, "Asia/Shanghai")
+    free, paid = cat.models["m-free"], cat.models["m-paid"]
+    assert (free.upstream_model, free.owned_by, free.paid) == ("m-free", "p", False)
+    assert free.max_output_tokens == catalog.DEFAULT_MAX_OUTPUT_TOKENS
+    assert (paid.upstream_model, paid.owned_by, paid.paid) == ("up-paid", "someone", True)
+    assert paid.input_price == Decimal("0.28") and paid.output_price == Decimal("1.1")   # exact, not floats
+    assert paid.provider.chat_url == "http://127.0.0.1:9/v1/chat/completions"
+
+
+def test_provider_key_read_from_environment(tmp_path, monkeypatch):
+    cat = load(tmp_path, GOOD)
+    monkeypatch.setenv("P_KEY", "secret-1")
+    assert cat.models["m-free"].provider.api_key() == "secret-1"
+    monkeypatch.delenv("P_KEY")
+    assert cat.models["m-free"].provider.api_key() is None
+
+
+@pytest.mark.parametrize(("old", "new", "line", "words"), [
+    ('upstream_model = "up-paid"', 'upstream_modle = "up-paid"', 15, "unknown key 'upstream_modle'"),
+    ('provider = "p"\n\n[models."m-paid"]', 'provider = "nope"\n\n[models."m-paid"]', 11, "provider 'nope'"),
+    ("input_price = 0.28", "input_price = -0.28", 17, "must not be negative"),
+    ("rpm = 7", "rpm = -1", 2, "rpm must be an integer"),
+    ("rpd = 70", "rpd = 70\nburst = 3", 4, "unknown key 'burst'"),
+    ('day_timezone = "Asia/Shanghai"', 'day_timezone = "Mars/Base"', 4, "not a known time zone"),
+    ('base_url = "http://127.0.0.1:9/v1"', 'base_url = "ftp://x"', 7, "base_url"),
+    ("max_output_tokens = 64", "max_output_tokens = 0", 19, "max_output_tokens"),
+    ('output_price = 1.1', 'output_price = "cheap"', 18, "output_price"),
+])
+def test_mistakes_are_refused_with_their_line(tmp_path, old, new, line, words):
+    assert old in GOOD
+    with pytest.raises(ConfigurationError) as err:
+        load(tmp_path, GOOD.replace(old, new, 1))
+    assert f"c.toml:{line}:" in str(err.value)
+    assert words in str(err.value)
+
+
+def test_unknown_top_level_and_syntax_errors(tmp_path):
+    with pytest.raises(ConfigurationError, match="unknown top-level key 'extra'"):
+        load(tmp_path, GOOD + "\n[extra]\na = 1\n")
+    with pytest.raises(ConfigurationError, match="c.toml"):
+        load(tmp_path, GOOD + "\n[[broken\n")
+    with pytest.raises(ConfigurationError, match="cannot read the catalogue"):
+        catalog.load(tmp_path / "missing.toml")
