@@ -1,6 +1,8 @@
 """gunicorn settings for Boundless. Every value can be overridden by gunicorn's own flags (-b, -w, -k ...)
 or by the environment variables named here. This file must not import ``app`` (the master reads it)."""
 import os
+import subprocess
+import sys
 
 #: Where to listen. Behind nginx keep 127.0.0.1.
 bind = os.environ.get("BOUNDLESS_BIND", "127.0.0.1:8000")
@@ -27,6 +29,29 @@ loglevel = os.environ.get("BOUNDLESS_LOG_LEVEL", "info")
 
 
 def on_starting(server):
+    """Check the settings, then settle what a previous run left in flight (a crash, a kill -9)."""
+    _refuse_memory_storage(server)
+    _recover()
+
+
+def post_worker_init(worker):
+    """Cut the streams still open just before the graceful deadline, so each is settled and logged."""
+    from app.lifecycle import install_graceful_stop
+    install_graceful_stop(worker)
+
+
+def child_exit(server, worker):
+    """A worker is gone (also after kill -9): settle the requests it still held."""
+    _recover("--pid", str(worker.pid))
+
+
+def _recover(*args):
+    # In a child process, so that the master never imports the app (gevent workers patch modules after
+    # the fork) nor holds a database connection across forks. Nothing to wait for: it is idempotent.
+    subprocess.Popen([sys.executable, "-m", "app.cli", "db", "recover", *args], cwd=os.path.dirname(__file__))
+
+
+def _refuse_memory_storage(server):
     """Refuse per-process counters with several workers: each worker would count on its own (N x the limit)."""
     storage = os.environ.get("BOUNDLESS_RATELIMIT_STORAGE", "")
     if storage.startswith("memory://") and server.cfg.workers > 1:

@@ -19,6 +19,9 @@ Free models reserve nothing and write their ledger row when they settle. No Flas
 from __future__ import annotations
 
 import math
+import os
+import re
+import socket
 import uuid
 from dataclasses import dataclass
 from dataclasses import field
@@ -34,10 +37,12 @@ from .errors import ServiceUnavailable
 from .models import ApiKey
 from .models import Usage
 from .models import db
-from .models import utcnow
 
 #: Tokens added to the worst case per image part: a short image URL can cost far more tokens than bytes.
 IMAGE_TOKENS = 1_600
+
+#: One per image part: the ``"image_url":`` key (its ``"type": "image_url"`` value must not count it twice).
+_IMAGE_PART = re.compile(rb'"image_url"\s*:')
 
 
 def new_request_id() -> str:
@@ -46,15 +51,21 @@ def new_request_id() -> str:
 
 def prompt_upper_bound(raw_body: bytes) -> int:
     """A prompt token count no tokenizer exceeds: byte-level BPE spends at least one byte per token."""
-    return len(raw_body) + IMAGE_TOKENS * raw_body.count(b'"image_url"')
+    return len(raw_body) + IMAGE_TOKENS * len(_IMAGE_PART.findall(raw_body))
 
 
-def max_completion_tokens(body: dict, model: Model) -> int:
+def _limit_field(body: dict) -> tuple[str, int] | None:
+    """The caller's completion limit as (field name, value), if it gave a usable one."""
     for name in ("max_completion_tokens", "max_tokens"):
         value = body.get(name)
         if isinstance(value, int) and not isinstance(value, bool) and value > 0:
-            return value
-    return model.max_output_tokens
+            return name, value
+    return None
+
+
+def max_completion_tokens(body: dict, model: Model) -> int:
+    asked = _limit_field(body)
+    return asked[1] if asked else model.max_output_tokens
 
 
 @dataclass
@@ -68,6 +79,8 @@ class Lease:
     prompt_bytes: int
     reserved: int = 0
     settled: bool = False
+    #: Who asked, for logs and metrics (key name and prefix, method, path, remote address).
+    context: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -91,38 +104,54 @@ def reserve(key_id: int, model: Model, body: dict, raw_body: bytes, stream: bool
     :raise ServiceUnavailable: the database is unreachable.
     """
     lease = Lease(request_id=request_id, key_id=key_id, model=model, stream=stream, prompt_bytes=len(raw_body))
-    if not model.paid:
-        return lease
-    prompt = prompt_upper_bound(raw_body)
-    completion = max_completion_tokens(body, model)
-    worst = cost(prompt, completion, model.input_price, model.output_price)
+    prompt = completion = worst = 0
+    if model.paid:
+        prompt = prompt_upper_bound(raw_body)
+        completion = max_completion_tokens(body, model)
+        worst = cost(prompt, completion, model.input_price, model.output_price)
     try:
         with db.atomic():
-            taken = (ApiKey.update(balance=ApiKey.balance - worst)
-                     .where((ApiKey.id == key_id) & (ApiKey.balance >= worst))
-                     .execute())
-            if taken == 1:
+            taken = 1
+            if worst:
+                taken = (ApiKey.update(balance=ApiKey.balance - worst)
+                         .where((ApiKey.id == key_id) & (ApiKey.balance >= worst))
+                         .execute())
+            if taken == 1:      # the row exists from now on, so even a crashed worker leaves a trace
                 Usage.insert(request_id=request_id, key=key_id, model=model.id, state="held",
-                             stream=stream, reserved=worst).execute()
+                             stream=stream, reserved=worst, owner=OWNER.get()).execute()
         if taken != 1:
             balance = ApiKey.select(ApiKey.balance).where(ApiKey.id == key_id).scalar() or 0
     except PeeweeException as err:
         raise ServiceUnavailable("The credit database is unavailable; try again shortly.") from err
     if taken != 1:
-        raise InsufficientCredits(_refusal(balance, prompt, completion, worst, model), param="max_tokens")
+        raise InsufficientCredits(_refusal(balance, prompt, completion, worst, model, body), param="max_tokens")
     lease.reserved = worst
     return lease
 
 
-def _refusal(balance: int, prompt: int, completion: int, worst: int, model: Model) -> str:
+#: Room for the field a caller adds to follow the 402's advice: ``, "max_completion_tokens": `` and some spaces.
+_LIMIT_FIELD_BYTES = 32
+
+
+def _refusal(balance: int, prompt: int, completion: int, worst: int, model: Model, body: dict) -> str:
     msg = (f"Insufficient credits: this request to {model.id} may cost up to {to_credits(worst)} credits "
            f"({prompt} prompt tokens at most, {completion} completion tokens), and the key's balance is "
            f"{to_credits(balance)}.")
-    left = balance - math.ceil(prompt * model.input_price)
-    if model.output_price > 0 and left > 0:
-        fits = int(left // model.output_price)
-        if fits > 0:
-            return msg + f" The balance covers max_tokens={fits}; ask for that or less, or top up."
+    if model.output_price > 0:
+        # The advised limit is part of the body, so of the prompt bound. A smaller value in the caller's field
+        # never adds bytes; a field the caller did not send does, so leave room for it (its digits included).
+        asked = _limit_field(body)
+        name = asked[0] if asked else "max_tokens"
+
+        def fits(extra_bytes: int) -> int:
+            left = balance - (prompt + extra_bytes) * model.input_price
+            return max(0, int(left // model.output_price))
+
+        n = fits(0)
+        if not asked:
+            n = fits(_LIMIT_FIELD_BYTES + len(str(n)))    # fewer tokens never need more digits
+        if n > 0:
+            return msg + f" The balance covers {name}={n}; ask for that or less, or top up."
     return msg + " Top up the key to use this model."
 
 
@@ -155,10 +184,6 @@ def settle(lease: Lease, result: Outcome) -> int:
                status=result.status, outcome=result.outcome[:24], latency_ms=result.latency_ms,
                ttfb_ms=result.ttfb_ms)
     with db.connection_context(), db.atomic():
-        if not lease.model.paid:
-            Usage.insert(request_id=lease.request_id, key=lease.key_id, model=lease.model.id, stream=lease.stream,
-                         created_at=utcnow(), charge=0, **row).execute()
-            return 0
         claimed = (Usage.update(charge=min(charge, lease.reserved), **row)
                    .where((Usage.request_id == lease.request_id) & (Usage.state == "held"))
                    .execute())
@@ -184,6 +209,44 @@ def _take_extra(key_id: int, extra: int) -> int:
     if take:
         ApiKey.update(balance=ApiKey.balance - take).where(ApiKey.id == key_id).execute()
     return take
+
+
+class _Owner:
+    """``host:pid`` of this worker, stamped on held rows so a dead worker's rows can be found and settled."""
+
+    def __init__(self) -> None:
+        self._pid, self._value = 0, ""
+
+    def get(self) -> str:
+        if self._pid != os.getpid():
+            self._pid, self._value = os.getpid(), f"{hostname()}:{os.getpid()}"
+        return self._value
+
+
+OWNER = _Owner()
+
+
+def hostname() -> str:
+    return socket.gethostname()[:40]
+
+
+def settle_lost(owners: list[str]) -> int:
+    """Settle the held rows of workers that died without settling (kill -9, OOM, a crashed box).
+
+    Policy: such a request is charged nothing and its whole reservation goes back to the balance. A crash is
+    the gateway's fault, so the caller does not pay for it; the row says ``outcome = worker_lost``.
+    Returns the number of rows settled.
+    """
+    n = 0
+    for row in Usage.select(Usage.id, Usage.key, Usage.reserved).where(
+            (Usage.state == "held") & (Usage.owner.in_(owners))).tuples():
+        usage_id, key_id, reserved = row
+        with db.atomic():
+            if Usage.update(state="settled", charge=0, estimated=True, outcome="worker_lost").where(
+                    (Usage.id == usage_id) & (Usage.state == "held")).execute() == 1:
+                ApiKey.update(balance=ApiKey.balance + reserved).where(ApiKey.id == key_id).execute()
+                n += 1
+    return n
 
 
 def key_summary(key_id: int) -> dict:

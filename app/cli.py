@@ -18,9 +18,11 @@ from peewee import fn
 
 from . import keys as keyadmin
 from . import schema
+from .billing import hostname
 from .catalog import Catalog
 from .catalog import load as load_catalog
 from .credits import to_credits
+from .lifecycle import settle_dead
 from .errors import ConfigurationError
 from .models import ApiKey
 from .models import Usage
@@ -177,7 +179,10 @@ def _date(value: str | None, end: bool = False) -> datetime.datetime | None:
         if len(value) == 10:
             day = datetime.date.fromisoformat(value)
             return datetime.datetime.combine(day + datetime.timedelta(days=1 if end else 0), datetime.time())
-        return datetime.datetime.fromisoformat(value).replace(tzinfo=None)
+        moment = datetime.datetime.fromisoformat(value)
+        if moment.tzinfo is not None:                  # the ledger is in UTC: convert, do not just drop the offset
+            moment = moment.astimezone(datetime.timezone.utc)
+        return moment.replace(tzinfo=None)
     except ValueError:
         raise click.BadParameter(f"{value!r} is not a date (YYYY-MM-DD) or an ISO date-time") from None
 
@@ -192,7 +197,8 @@ def _date(value: str | None, end: bool = False) -> datetime.datetime | None:
 def usage(key_name, model, since, until, by, as_json) -> None:
     """Requests, tokens and credits from the ledger."""
     _open_db()
-    group = {"day": fn.DATE(Usage.created_at), "model": Usage.model, "key": ApiKey.name}[by]
+    # DATE() uncoerced: peewee would read SQLite's 'YYYY-MM-DD' back through DateTimeField as a midnight datetime
+    group = {"day": fn.DATE(Usage.created_at).coerce(False), "model": Usage.model, "key": ApiKey.name}[by]
     query = (Usage.select(group.alias("grp"), fn.COUNT(Usage.id), fn.SUM(Usage.prompt_tokens),
                           fn.SUM(Usage.completion_tokens), fn.SUM(Usage.charge),
                           fn.SUM(Case(None, [(Usage.estimated == True, 1)], 0)))   # noqa: E712
@@ -235,8 +241,22 @@ def db_upgrade() -> None:
     click.echo(f"upgraded to schema version(s) {applied}" if applied else "schema already current")
 
 
+@db_group.command("recover")
+@click.option("--pid", type=int, default=None, help="Only the rows of this worker pid on this host.")
+def db_recover(pid: int | None) -> None:
+    """Settle requests left held by dead workers of this host (run by gunicorn.conf.py automatically)."""
+    _open_db()
+    with db.connection_context():
+        n = settle_dead(hostname(), pid)
+    click.echo(f"settled {n} request(s) left by dead workers")
+
+
 def _table(header: list, rows: list[list]) -> None:
     cells = [[str(c) for c in header]] + [[("-" if c is None else str(c)) for c in r] for r in rows]
     widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
     for r in cells:
         click.echo("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
+
+
+if __name__ == "__main__":
+    main()

@@ -27,8 +27,8 @@ from peewee import Model
 from peewee import SmallIntegerField
 from playhouse.db_url import connect as db_url_connect
 
-#: Version of the schema this code runs on; see app/migrations.py.
-SCHEMA_VERSION = 1
+#: Version of the schema this code runs on; app/schema.py has the steps from each earlier version.
+SCHEMA_VERSION = 2
 
 db = DatabaseProxy()
 
@@ -121,6 +121,7 @@ class Usage(BaseModel):
     outcome = CharField(max_length=24, default="")   # complete | client_closed | upstream_cut | upstream_error ...
     latency_ms = FloatField(null=True)
     ttfb_ms = FloatField(null=True)
+    owner = CharField(max_length=64, default="", index=True)   # host:pid of the worker holding the row (v2)
 
     class Meta:
         table_name = "usage"

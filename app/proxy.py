@@ -32,6 +32,7 @@ from .errors import sse_error_event
 from .jsonio import dumps
 from .jsonio import loads
 from .sse import EventRelay
+from .streams import OpenStreams
 from .upstream import UpstreamClient
 from .upstream import iter_raw
 from .upstream import read_body
@@ -90,7 +91,7 @@ def _openai_error(body: bytes) -> bool:
 
 
 def forward(client: UpstreamClient, model: Model, body: dict, lease: Lease, started: float,
-            finish: Finish) -> tuple[Iterator[bytes] | bytes, int, dict]:
+            finish: Finish, streams: OpenStreams) -> tuple[Iterator[bytes] | bytes, int, dict]:
     """Send the request upstream; return (body or stream of bytes, status, headers) for the caller.
 
     Failures before anything was relayed raise a :class:`GatewayError` after settling the lease (at no cost).
@@ -123,7 +124,8 @@ def forward(client: UpstreamClient, model: Model, body: dict, lease: Lease, star
         return data, 200, {"Content-Type": resp.headers.get("Content-Type", "application/json")}
 
     caller_asked = _asked_usage(body)
-    return (relay_stream(resp, lease, outcome, model.provider.name, not caller_asked, started, finish),
+    streams.add(resp)
+    return (relay_stream(resp, lease, outcome, model.provider.name, not caller_asked, started, finish, streams),
             200, {**STREAM_HEADERS, "Content-Type": "text/event-stream; charset=utf-8"})
 
 
@@ -144,7 +146,7 @@ def _usage_of(data: bytes) -> dict | None:
 
 
 def relay_stream(resp: requests.Response, lease: Lease, outcome: Outcome, provider: str, strip_usage: bool,
-                 started: float, finish: Finish) -> Iterator[bytes]:
+                 started: float, finish: Finish, streams: OpenStreams) -> Iterator[bytes]:
     """Yield the upstream's events as they arrive; settle in ``finally`` however the stream ends."""
     relay = EventRelay(strip_usage_chunk=strip_usage)
     pending = 0
@@ -176,6 +178,7 @@ def relay_stream(resp: requests.Response, lease: Lease, outcome: Outcome, provid
         raise
     finally:
         resp.close()                             # closes the upstream socket, so the provider stops generating
+        streams.discard(resp)
         outcome.usage = relay.usage
         _finish(lease, outcome, status, started, finish)
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from typing import Callable
 
+from peewee import CharField
 from peewee import Database
 from playhouse.migrate import SchemaMigrator
 from playhouse.migrate import migrate
@@ -22,8 +23,14 @@ from .models import SCHEMA_VERSION
 from .models import SchemaInfo
 from .models import db
 
+def _v2_usage_owner(migrator: SchemaMigrator) -> list:
+    """v2: ledger rows name the worker holding them, so a dead worker's reservations can be settled."""
+    return [migrator.add_column("usage", "owner", CharField(max_length=64, default="")),
+            migrator.add_index("usage", ("owner",), False)]
+
+
 #: version reached -> step that takes the schema from version-1 to it.
-STEPS: dict[int, Callable[[SchemaMigrator], list]] = {}
+STEPS: dict[int, Callable[[SchemaMigrator], list]] = {2: _v2_usage_owner}
 
 
 def current_version(database: Database = db) -> int | None:
@@ -72,6 +79,9 @@ def upgrade(database: Database = db) -> list[int]:
         return [SCHEMA_VERSION]
     if version > SCHEMA_VERSION:
         raise ConfigurationError(f"the database schema is at version {version}, newer than this Boundless")
+    if version == 0:
+        raise ConfigurationError("the database has tables but no Boundless schema version: not a Boundless "
+                                 "database, or one damaged by hand; refusing to touch it")
     migrator = SchemaMigrator.from_database(database)
     applied = []
     for target in range(version + 1, SCHEMA_VERSION + 1):

@@ -69,14 +69,35 @@ class SQLiteStorage(Storage):
     def _connect(self) -> sqlite3.Connection:
         Path(self.path).parent.mkdir(parents=True, exist_ok=True)
         conn = sqlite3.connect(self.path, timeout=self.busy_timeout, isolation_level=None, check_same_thread=False)
-        conn.execute(f"PRAGMA busy_timeout={int(self.busy_timeout * 1000)}")   # before the WAL switch needs a lock
-        conn.execute("PRAGMA journal_mode=WAL")
-        conn.execute("PRAGMA synchronous=NORMAL")
-        if not self._schema_ready:
-            for stmt in _SCHEMA:
-                conn.execute(stmt)
-            self._schema_ready = True
+        try:
+            conn.execute(f"PRAGMA busy_timeout={int(self.busy_timeout * 1000)}")   # before the WAL switch needs a lock
+            self._execute_retrying(conn, "PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=NORMAL")
+            if not self._schema_ready:
+                for stmt in _SCHEMA:
+                    self._execute_retrying(conn, stmt)
+                self._schema_ready = True
+        except BaseException:
+            conn.close()
+            raise
         return conn
+
+    def _execute_retrying(self, conn: sqlite3.Connection, stmt: str) -> None:
+        """Run a set-up statement, retrying "database is locked" until the busy timeout.
+
+        Several workers opening a new file at once race to switch it to WAL; SQLite answers the losers
+        SQLITE_BUSY at once (without calling the busy handler, to avoid a lock deadlock), so the busy
+        timeout alone does not cover it.
+        """
+        deadline = time.monotonic() + self.busy_timeout
+        while True:
+            try:
+                conn.execute(stmt)
+                return
+            except sqlite3.OperationalError as err:
+                if "locked" not in str(err) or time.monotonic() >= deadline:
+                    raise
+                time.sleep(random.uniform(0.002, 0.02))
 
     @contextmanager
     def _conn(self) -> Iterator[sqlite3.Connection]:

@@ -16,6 +16,7 @@ from flask import current_app
 from .catalog import Catalog
 from .keys import KeyCache
 from .ratelimit import RateLimiter
+from .streams import OpenStreams
 from .upstream import UpstreamClient
 
 
@@ -25,6 +26,7 @@ class State:
     limiter: RateLimiter
     keys: KeyCache
     upstream: UpstreamClient
+    streams: OpenStreams = field(default_factory=OpenStreams)
     #: Called once per finished chat request with (lease, outcome): logs and metrics hook in here.
     finish_hooks: list[Callable] = field(default_factory=list)
 

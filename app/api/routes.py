@@ -56,7 +56,10 @@ def chat_completions() -> Response:
         raise decision.error()
     stream = body.get("stream") is True
     lease = billing.reserve(key.id, model, body, raw, stream, g.request_id)
-    out, status, headers = proxy.forward(gw.upstream, model, body, lease, started, gw.finish)
+    lease.context = {"key_name": key.name, "key_prefix": key.prefix, "method": request.method,
+                     "path": request.path, "remote_addr": request.remote_addr}
+    g.boundless_lease = lease                  # from here on, the finish hooks report this request
+    out, status, headers = proxy.forward(gw.upstream, model, body, lease, started, gw.finish, gw.streams)
     return Response(out, status=status, headers=headers)
 
 
