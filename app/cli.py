@@ -27,6 +27,7 @@ from .errors import ConfigurationError
 from .models import ApiKey
 from .models import Usage
 from .models import db
+from .models import backup_sqlite
 from .models import make_database
 from .settings import ROOT
 from .settings import from_env
@@ -239,6 +240,26 @@ def db_upgrade() -> None:
     with db.connection_context():
         applied = schema.upgrade()
     click.echo(f"upgraded to schema version(s) {applied}" if applied else "schema already current")
+
+
+@db_group.command("backup")
+@click.argument("path", type=click.Path(dir_okay=False, writable=True))
+def db_backup(path: str) -> None:
+    """Copy the SQLite database to PATH, consistently, while the server runs (SQLite's online backup API).
+
+    For PostgreSQL use pg_dump, for MySQL/MariaDB mysqldump --single-transaction (see docs/deploying.md).
+    """
+    cfg = _open_db()
+    url = str(cfg["BOUNDLESS_DATABASE_URL"])
+    if not url.startswith("sqlite"):
+        raise click.ClickException("`boundless db backup` copies SQLite databases; for PostgreSQL use pg_dump, "
+                                   "for MySQL/MariaDB mysqldump --single-transaction (docs/deploying.md)")
+    target = os.path.abspath(path)
+    if os.path.exists(target):
+        raise click.ClickException(f"{target} exists; refusing to overwrite it")
+    with db.connection_context():
+        pages = backup_sqlite(db.connection(), target)
+    click.echo(f"backed up {pages} pages to {target}")
 
 
 @db_group.command("recover")

@@ -60,6 +60,28 @@ def make_database(url: str):
     return db_url_connect(url, unquote_password=True, **opts)
 
 
+def backup_sqlite(conn, target: str) -> int:
+    """Copy an open sqlite3 connection's database to ``target`` with SQLite's online backup API.
+
+    The copy is a consistent snapshot even while other processes write (pages changed during the copy make
+    the API restart that step). Returns the number of pages copied.
+    """
+    import sqlite3
+
+    dest = sqlite3.connect(target)
+    pages = 0
+
+    def progress(status, remaining, total):
+        nonlocal pages
+        pages = total
+
+    try:
+        conn.backup(dest, pages=256, progress=progress)
+    finally:
+        dest.close()
+    return pages
+
+
 class BaseModel(Model):
     class Meta:
         database = db
