@@ -127,8 +127,11 @@ def test_no_cookie_travels_between_callers(gateway, mock):
     ({"model": "free-model", "messages": MSG, "stream": "yes"}, "stream"),
 ])
 def test_bad_bodies_are_400(gateway, key, body, param):
-    err = assert_openai_error(post(gateway, key, body), 400)
+    resp = post(gateway, key, body)
+    err = assert_openai_error(resp, 400)
     assert err["type"] == "invalid_request_error" and err["param"] == param
+    # an authenticated response: it reports the limits, and counted nothing
+    assert resp.headers["X-RateLimit-Remaining-RPM"] == "20" and resp.headers["X-RateLimit-Remaining-RPD"] == "50"
 
 
 def test_keys_missing_unknown_or_revoked_are_401_everywhere(gateway):

@@ -13,6 +13,7 @@ from flask import request
 
 from ..auth import authenticate
 from ..billing import new_request_id
+from ..errors import GatewayError
 from ..state import state
 
 bp = Blueprint("api", __name__, url_prefix="/api/v1")
@@ -32,6 +33,12 @@ def _headers(resp: Response) -> Response:
     if rid:
         resp.headers["X-Request-Id"] = rid
     decision = g.get("_boundless_rate")
+    key = g.get("_boundless_key")
+    if decision is None and key is not None:      # refused before counting (400, 404): report, count nothing
+        try:
+            decision = state().limiter.peek(key.id, *state().limits_for(key))
+        except GatewayError:
+            decision = None
     if decision is not None:
         resp.headers.update(decision.headers())
     return resp
