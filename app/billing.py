@@ -183,7 +183,10 @@ def settle(lease: Lease, result: Outcome) -> int:
     row = dict(state="settled", prompt_tokens=pt, completion_tokens=ct, estimated=estimated,
                status=result.status, outcome=result.outcome[:24], latency_ms=result.latency_ms,
                ttfb_ms=result.ttfb_ms)
+    touches_key = bool(lease.reserved or charge)      # a free request leaves the key's row alone
     with db.connection_context(), db.atomic():
+        if touches_key:
+            _lock_key(lease.key_id)
         claimed = (Usage.update(charge=min(charge, lease.reserved), **row)
                    .where((Usage.request_id == lease.request_id) & (Usage.state == "held"))
                    .execute())
@@ -192,11 +195,23 @@ def settle(lease: Lease, result: Outcome) -> int:
         if charge > lease.reserved:      # rare: the usage beat the worst-case estimate
             charge = lease.reserved + _take_extra(lease.key_id, charge - lease.reserved)
             Usage.update(charge=charge).where(Usage.request_id == lease.request_id).execute()
-        (ApiKey.update(balance=ApiKey.balance + (lease.reserved - min(charge, lease.reserved)),
-                       spent=ApiKey.spent + charge)
-         .where(ApiKey.id == lease.key_id)
-         .execute())
+        if touches_key:
+            (ApiKey.update(balance=ApiKey.balance + (lease.reserved - min(charge, lease.reserved)),
+                           spent=ApiKey.spent + charge)
+             .where(ApiKey.id == lease.key_id)
+             .execute())
     return charge
+
+
+def _lock_key(key_id: int) -> None:
+    """Lock the key's row before the ledger row, the order reserve() takes them in.
+
+    The other order deadlocks on MySQL/MariaDB: an UPDATE's next-key lock on ``usage`` blocks a concurrent
+    reserve's INSERT while that reserve holds the key's row, which the settling transaction then waits for.
+    (SQLite's BEGIN IMMEDIATE already serialises writers.)
+    """
+    if db.for_update:
+        ApiKey.select(ApiKey.id).where(ApiKey.id == key_id).for_update().scalar()
 
 
 def _take_extra(key_id: int, extra: int) -> int:
@@ -242,6 +257,8 @@ def settle_lost(owners: list[str]) -> int:
             (Usage.state == "held") & (Usage.owner.in_(owners))).tuples():
         usage_id, key_id, reserved = row
         with db.atomic():
+            if reserved:
+                _lock_key(key_id)
             if Usage.update(state="settled", charge=0, estimated=True, outcome="worker_lost").where(
                     (Usage.id == usage_id) & (Usage.state == "held")).execute() == 1:
                 ApiKey.update(balance=ApiKey.balance + reserved).where(ApiKey.id == key_id).execute()

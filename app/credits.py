@@ -17,6 +17,10 @@ from .errors import ConfigurationError
 
 MICRO = 1_000_000
 
+#: The largest amount accepted, in micro-credits: JSON numbers stay exact below 2**53 (see :func:`as_number`),
+#: and a database BIGINT never overflows.
+MAX_MICRO = 2**53 - 1
+
 
 def to_micro(amount: Decimal | str | int) -> int:
     """Parse a credit amount ("12.5") into micro-credits; refuse more than 6 decimals."""
@@ -29,6 +33,8 @@ def to_micro(amount: Decimal | str | int) -> int:
     micro = value * MICRO
     if micro != micro.to_integral_value():
         raise ConfigurationError(f"{amount} has more than 6 decimals (the unit is one micro-credit)")
+    if abs(micro) > MAX_MICRO:
+        raise ConfigurationError(f"{amount} is too large (at most {to_credits(MAX_MICRO)} credits)")
     return int(micro)
 
 

@@ -14,6 +14,7 @@ from typing import Callable
 
 from peewee import CharField
 from peewee import Database
+from peewee import PeeweeException
 from playhouse.migrate import SchemaMigrator
 from playhouse.migrate import migrate
 
@@ -60,7 +61,11 @@ def ensure(database: Database = db) -> None:
     """
     version = current_version(database)
     if version is None:
-        create(database)
+        try:
+            create(database)
+        except PeeweeException:          # another process created it at the same moment (PostgreSQL, MySQL)
+            if current_version(database) != SCHEMA_VERSION:
+                raise
     elif version < SCHEMA_VERSION:
         raise ConfigurationError(
             f"the database schema is at version {version}, this Boundless needs {SCHEMA_VERSION}: "
