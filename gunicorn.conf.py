@@ -29,9 +29,11 @@ loglevel = os.environ.get("BOUNDLESS_LOG_LEVEL", "info")
 
 
 def on_starting(server):
-    """Check the settings, then settle what a previous run left in flight (a crash, a kill -9)."""
+    """Check the settings; create an empty database once, before the workers would race to; settle what a
+    previous run left in flight (a crash, a kill -9)."""
     _refuse_memory_storage(server)
-    _recover()
+    _metrics_dir()
+    _recover(wait=True)
 
 
 def post_worker_init(worker):
@@ -43,12 +45,21 @@ def post_worker_init(worker):
 def child_exit(server, worker):
     """A worker is gone (also after kill -9): settle the requests it still held."""
     _recover("--pid", str(worker.pid))
+    _metrics_worker_gone(worker.pid)
 
 
-def _recover(*args):
+def on_exit(server):
+    """Remove the metrics directory if on_starting made it (a temp dir)."""
+    _metrics_cleanup()
+
+
+def _recover(*args, wait=False):
     # In a child process, so that the master never imports the app (gevent workers patch modules after
-    # the fork) nor holds a database connection across forks. Nothing to wait for: it is idempotent.
-    subprocess.Popen([sys.executable, "-m", "app.cli", "db", "recover", *args], cwd=os.path.dirname(__file__))
+    # the fork) nor holds a database connection across forks. Idempotent; only the first run is waited for.
+    proc = subprocess.Popen([sys.executable, "-m", "app.cli", "db", "recover", *args],
+                            cwd=os.path.dirname(os.path.abspath(__file__)))
+    if wait:
+        proc.wait(timeout=120)
 
 
 def _refuse_memory_storage(server):
@@ -59,3 +70,42 @@ def _refuse_memory_storage(server):
             f"BOUNDLESS_RATELIMIT_STORAGE=memory:// keeps counters inside each process, so with "
             f"{server.cfg.workers} workers every key would get {server.cfg.workers}x its limits. Use the default "
             f"SQLite storage (unset the variable), memcached:// or redis://, or run one worker (-w 1).")
+
+
+#: Names the temp metrics directory this master made, as "pid:path" (kept in the environment, so that it
+#: survives a config reload on HUP; the pid check keeps workers and a re-exec'd master from removing it).
+_METRICS_TMP = "BOUNDLESS_METRICS_TMP"
+
+
+def _metrics_dir():
+    """Workers add up their metrics in files under PROMETHEUS_MULTIPROC_DIR (prometheus-client multiprocess
+    mode): BOUNDLESS_METRICS_DIR, emptied of old files, or a fresh temp dir. Set before the workers fork and
+    before prometheus_client is imported anywhere in this process (it reads the variable on import)."""
+    path = os.environ.get("BOUNDLESS_METRICS_DIR", "")
+    if path:
+        os.makedirs(path, exist_ok=True)
+        for name in os.listdir(path):
+            if name.endswith(".db"):
+                os.remove(os.path.join(path, name))
+    else:
+        import tempfile
+        path = tempfile.mkdtemp(prefix="boundless-metrics-")
+        os.environ[_METRICS_TMP] = f"{os.getpid()}:{path}"
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = path
+
+
+def _metrics_worker_gone(pid):
+    """Drop the dead worker's live gauges (open streams); its counters stay, they are history."""
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        try:
+            from prometheus_client import multiprocess
+            multiprocess.mark_process_dead(pid)
+        except Exception as err:   # never let metrics bookkeeping take the master down
+            print(f"boundless: could not mark worker {pid} dead in the metrics: {err}", file=sys.stderr)
+
+
+def _metrics_cleanup():
+    owner, _, path = os.environ.get(_METRICS_TMP, "").partition(":")
+    if path and owner == str(os.getpid()):
+        import shutil
+        shutil.rmtree(path, ignore_errors=True)

@@ -12,6 +12,9 @@ from flask import Flask
 
 from . import catalog
 from . import errors
+from . import health
+from . import logs
+from . import metrics
 from . import models
 from . import schema
 from .keys import KeyCache
@@ -54,4 +57,7 @@ def create_app(test_config: dict | None = None) -> Flask:
 
     from .api import bp
     app.register_blueprint(bp)
+    health.init_app(app)
+    metrics.init_app(app)
+    logs.init_app(app)
     return app

@@ -18,12 +18,15 @@ _LONG_NUMBER = re.compile(rb"\d{19}")
 
 def loads(data: bytes):
     """Parse JSON; raise ValueError when it is not JSON."""
-    if _LONG_NUMBER.search(data):
-        return json.loads(data)
     try:
-        return orjson.loads(data)
-    except orjson.JSONDecodeError:
-        return json.loads(data)     # what orjson refuses but JSON allows; raises ValueError if not JSON
+        if _LONG_NUMBER.search(data):
+            return json.loads(data)
+        try:
+            return orjson.loads(data)
+        except orjson.JSONDecodeError:
+            return json.loads(data)  # what orjson refuses but JSON allows; raises ValueError if not JSON
+    except RecursionError:           # nested deeper than the parsers go (orjson stops at 1024 levels)
+        raise ValueError("JSON nested too deeply") from None
 
 
 def dumps(obj) -> bytes:

@@ -91,7 +91,7 @@ def _openai_error(body: bytes) -> bool:
 
 
 def forward(client: UpstreamClient, model: Model, body: dict, lease: Lease, started: float,
-            finish: Finish, streams: OpenStreams) -> tuple[Iterator[bytes] | bytes, int, dict]:
+            finish: Finish, streams: OpenStreams, client_socket=None) -> tuple[Iterator[bytes] | bytes, int, dict]:
     """Send the request upstream; return (body or stream of bytes, status, headers) for the caller.
 
     Failures before anything was relayed raise a :class:`GatewayError` after settling the lease (at no cost).
@@ -124,7 +124,7 @@ def forward(client: UpstreamClient, model: Model, body: dict, lease: Lease, star
         return data, 200, {"Content-Type": resp.headers.get("Content-Type", "application/json")}
 
     caller_asked = _asked_usage(body)
-    streams.add(resp)
+    streams.add(resp, client_socket)
     return (relay_stream(resp, lease, outcome, model.provider.name, not caller_asked, started, finish, streams),
             200, {**STREAM_HEADERS, "Content-Type": "text/event-stream; charset=utf-8"})
 
@@ -170,6 +170,9 @@ def relay_stream(resp: requests.Response, lease: Lease, outcome: Outcome, provid
             if not relay.done:
                 yield b"data: [DONE]\n\n"
         except UpstreamError as err:             # the provider cut or stalled the stream after it began
+            if streams.client_gone(resp):        # no: we cut it, because the caller hung up (streams.py)
+                status = "client_closed"
+                return
             status = "upstream_timeout" if isinstance(err, UpstreamTimeout) else "upstream_cut"
             log.warning("stream from %s ended early: %s", provider, status)
             yield sse_error_event(err)

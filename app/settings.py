@@ -35,6 +35,12 @@ DEFAULTS: dict[str, object] = {
     "BOUNDLESS_KEY_CACHE_SECONDS": 1.0,
     #: Number of gunicorn workers; read by the memory:// guard (the gunicorn config sets it from the same name).
     "BOUNDLESS_WORKERS": 0,
+    #: Bearer token that GET /metrics requires ("" = no token; then keep /metrics off the public network).
+    "BOUNDLESS_METRICS_TOKEN": "",
+    #: Directory of the multiprocess metric files, emptied at start by gunicorn.conf.py ("" = a fresh temp dir).
+    "BOUNDLESS_METRICS_DIR": "",
+    #: Write one JSON access line per request to stderr (logger "boundless.access").
+    "BOUNDLESS_LOG_REQUESTS": True,
 }
 
 

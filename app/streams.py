@@ -13,48 +13,105 @@ to the caller, then settle and log.
 from __future__ import annotations
 
 import logging
+import select
 import socket
 import threading
+import time
 from typing import Callable
 
 log = logging.getLogger("boundless")
 
 
 class OpenStreams:
-    """A thread-safe set of the upstream responses being relayed by this process."""
+    """The upstream responses this process is relaying, each with its caller's socket.
+
+    A caller who hangs up is normally noticed at the next write, but an upstream can be silent for minutes
+    (reasoning models think before the first token) while the provider keeps generating and billing. A
+    watcher thread (one per process, alive only while streams are open) therefore peeks at the callers'
+    sockets every :attr:`interval` seconds and, at EOF, shuts the upstream socket down: the relay then ends
+    at once, as a hang-up.
+    """
+
+    interval = 1.0
 
     def __init__(self) -> None:
-        self._items: set = set()
+        self._items: dict = {}                  # upstream response -> caller socket (or None)
+        self._gone: set = set()
         self._lock = threading.Lock()
+        self._watcher: threading.Thread | None = None
         #: Called with +1 / -1 when a stream opens / closes (metrics hook in here).
         self.listeners: list[Callable[[int], None]] = []
 
     def __len__(self) -> int:
         return len(self._items)
 
-    def add(self, resp) -> None:
+    def add(self, resp, client_socket=None) -> None:
         with self._lock:
-            self._items.add(resp)
+            self._items[resp] = client_socket
+            if client_socket is not None and (self._watcher is None or not self._watcher.is_alive()):
+                self._watcher = threading.Thread(target=self._watch, name="boundless-hangups", daemon=True)
+                self._watcher.start()
         for listener in self.listeners:
             listener(1)
 
-    def discard(self, resp) -> None:
+    def discard(self, resp) -> bool:
+        """Forget a finished stream; return True if the watcher saw its caller hang up."""
         with self._lock:
             if resp not in self._items:
-                return
-            self._items.discard(resp)
+                return False
+            del self._items[resp]
+            gone = resp in self._gone
+            self._gone.discard(resp)
         for listener in self.listeners:
             listener(-1)
+        return gone
+
+    def client_gone(self, resp) -> bool:
+        return resp in self._gone
 
     def cut_all(self) -> int:
         """Shut down the upstream socket of every open stream; return how many were cut."""
         with self._lock:
             items = list(self._items)
         for resp in items:
-            try:
-                resp.raw.connection.sock.shutdown(socket.SHUT_RDWR)
-            except (AttributeError, OSError):     # already closed or never connected
-                pass
+            _shutdown(resp)
         if items:
             log.warning("graceful stop: cut %d open stream(s) at the deadline", len(items))
         return len(items)
+
+    def _watch(self) -> None:
+        while True:
+            time.sleep(self.interval)
+            with self._lock:
+                watched = {sock: resp for resp, sock in self._items.items()
+                           if sock is not None and resp not in self._gone}
+                if not self._items:
+                    self._watcher = None
+                    return
+            for sock, resp in watched.items():
+                if _hung_up(sock):
+                    with self._lock:
+                        self._gone.add(resp)
+                    _shutdown(resp)
+
+
+def _hung_up(sock) -> bool:
+    """True when the peer has closed: readable, and a peek reads EOF (or the socket is broken)."""
+    try:
+        if sock.fileno() < 0:
+            return True
+        readable, _, _ = select.select([sock], [], [], 0)
+        if not readable:
+            return False
+        return sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+    except BlockingIOError:
+        return False
+    except (OSError, ValueError):
+        return True
+
+
+def _shutdown(resp) -> None:
+    try:
+        resp.raw.connection.sock.shutdown(socket.SHUT_RDWR)
+    except (AttributeError, OSError):     # already closed or never connected
+        pass

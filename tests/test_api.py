@@ -125,6 +125,8 @@ def test_no_cookie_travels_between_callers(gateway, mock):
     ({"model": "free-model", "messages": "hi"}, "messages"),
     ({"model": "free-model", "messages": ["hi"]}, "messages"),
     ({"model": "free-model", "messages": MSG, "stream": "yes"}, "stream"),
+    ('{"model": "free-model", "messages": [{"role": "user", "content": "x"}], "x": ' + "[" * 100_000
+     + "]" * 100_000 + "}", None),
 ])
 def test_bad_bodies_are_400(gateway, key, body, param):
     resp = post(gateway, key, body)

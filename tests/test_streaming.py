@@ -137,3 +137,17 @@ def test_64_open_streams_do_not_delay_a_quick_request(gateway_factory):
             f.result()
     assert len(finished) == 64 and all(n >= 30 for n in finished)
     assert statistics.median(timings) < 0.5 and max(timings) < 1.0, timings
+
+
+def test_hang_up_during_upstream_silence_closes_it_within_seconds(gateway, key, mock):
+    # A reasoning model can think for minutes without a byte; the caller leaving must not wait for it.
+    mock.reset()
+    resp = open_stream(gateway, key, mock={"chunks": 3, "stall_after": 1, "stall": 30})
+    it = resp.iter_lines()
+    while b"tok0" not in next(it):
+        pass
+    hung_up = time.time()
+    resp.close()
+    rec = mock.wait_for(lambda r: r["client_closed"], timeout=10)
+    assert rec is not None, "the upstream stayed open during its silence"
+    assert rec["closed_at"] - hung_up < 5 and rec["chunks_sent"] == 1

@@ -51,6 +51,7 @@ def chat_completions() -> Response:
     if model is None:
         raise ModelNotFound(f"The model '{body['model']}' does not exist or you do not have access to it.",
                             param="model")
+    g.boundless_model = model                  # for the log line and metrics of a refused request
     g._boundless_rate = decision = gw.limiter.hit(key.id, *gw.limits_for(key))
     if decision.refused:
         raise decision.error()
@@ -59,7 +60,8 @@ def chat_completions() -> Response:
     lease.context = {"key_name": key.name, "key_prefix": key.prefix, "method": request.method,
                      "path": request.path, "remote_addr": request.remote_addr}
     g.boundless_lease = lease                  # from here on, the finish hooks report this request
-    out, status, headers = proxy.forward(gw.upstream, model, body, lease, started, gw.finish, gw.streams)
+    out, status, headers = proxy.forward(gw.upstream, model, body, lease, started, gw.finish, gw.streams,
+                                         request.environ.get("gunicorn.socket"))
     return Response(out, status=status, headers=headers)
 
 
