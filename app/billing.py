@@ -34,9 +34,11 @@ from .credits import cost
 from .credits import to_credits
 from .errors import InsufficientCredits
 from .errors import ServiceUnavailable
+from .ledger_sql import statements
 from .models import ApiKey
 from .models import Usage
 from .models import db
+from .models import utcnow
 
 #: Tokens added to the worst case per image part: a short image URL can cost far more tokens than bytes.
 IMAGE_TOKENS = 1_600
@@ -109,16 +111,15 @@ def reserve(key_id: int, model: Model, body: dict, raw_body: bytes, stream: bool
         prompt = prompt_upper_bound(raw_body)
         completion = max_completion_tokens(body, model)
         worst = cost(prompt, completion, model.input_price, model.output_price)
+    sql = statements(db)
     try:
         with db.atomic():
             taken = 1
             if worst:
-                taken = (ApiKey.update(balance=ApiKey.balance - worst)
-                         .where((ApiKey.id == key_id) & (ApiKey.balance >= worst))
-                         .execute())
+                taken = db.execute_sql(sql.take, (worst, key_id, worst)).rowcount
             if taken == 1:      # the row exists from now on, so even a crashed worker leaves a trace
-                Usage.insert(request_id=request_id, key=key_id, model=model.id, state="held",
-                             stream=stream, reserved=worst, owner=OWNER.get()).execute()
+                db.execute_sql(sql.hold, (request_id, key_id, model.id, utcnow(), "held", stream, worst, 0, 0, 0,
+                                          False, "", OWNER.get()))
         if taken != 1:
             balance = ApiKey.select(ApiKey.balance).where(ApiKey.id == key_id).scalar() or 0
     except PeeweeException as err:
@@ -180,26 +181,21 @@ def settle(lease: Lease, result: Outcome) -> int:
         return 0
     lease.settled = True
     charge, pt, ct, estimated = charge_for(lease, result)
-    row = dict(state="settled", prompt_tokens=pt, completion_tokens=ct, estimated=estimated,
-               status=result.status, outcome=result.outcome[:24], latency_ms=result.latency_ms,
-               ttfb_ms=result.ttfb_ms)
     touches_key = bool(lease.reserved or charge)      # a free request leaves the key's row alone
     with db.connection_context(), db.atomic():
+        sql = statements(db)
         if touches_key:
             _lock_key(lease.key_id)
-        claimed = (Usage.update(charge=min(charge, lease.reserved), **row)
-                   .where((Usage.request_id == lease.request_id) & (Usage.state == "held"))
-                   .execute())
+        claimed = db.execute_sql(sql.settle_row, (
+            "settled", min(charge, lease.reserved), pt, ct, estimated, result.status, result.outcome[:24],
+            result.latency_ms, result.ttfb_ms, lease.request_id, "held")).rowcount
         if claimed != 1:
             return 0
         if charge > lease.reserved:      # rare: the usage beat the worst-case estimate
             charge = lease.reserved + _take_extra(lease.key_id, charge - lease.reserved)
             Usage.update(charge=charge).where(Usage.request_id == lease.request_id).execute()
         if touches_key:
-            (ApiKey.update(balance=ApiKey.balance + (lease.reserved - min(charge, lease.reserved)),
-                           spent=ApiKey.spent + charge)
-             .where(ApiKey.id == lease.key_id)
-             .execute())
+            db.execute_sql(sql.give_back, (lease.reserved - min(charge, lease.reserved), charge, lease.key_id))
     return charge
 
 
@@ -210,8 +206,9 @@ def _lock_key(key_id: int) -> None:
     reserve's INSERT while that reserve holds the key's row, which the settling transaction then waits for.
     (SQLite's BEGIN IMMEDIATE already serialises writers.)
     """
-    if db.for_update:
-        ApiKey.select(ApiKey.id).where(ApiKey.id == key_id).for_update().scalar()
+    sql = statements(db).lock_key
+    if sql:
+        db.execute_sql(sql, (key_id,)).fetchall()
 
 
 def _take_extra(key_id: int, extra: int) -> int:

@@ -1,0 +1,52 @@
+"""
+app.ledger_sql
+~~~~~~~~~~~~~~
+
+The four statements every paid request runs (reserve, hold, settle the row, settle the key), as plain SQL.
+
+peewee builds a query's SQL anew on every ``execute()``; on this path that cost more CPU than the database
+work itself (about a third of the gateway's time per request, profiled). These statements never change, so
+they are written once per database, quoted and parametrised for its dialect, and run with
+``execute_sql``. Everything else keeps using the models.
+"""
+from __future__ import annotations
+
+from peewee import Database
+
+_CACHE: dict[int, "Statements"] = {}
+
+
+class Statements:
+    """SQL text for one database (its identifier quotes and parameter style)."""
+
+    def __init__(self, database: Database) -> None:
+        open_q, close_q = database.quote[0], database.quote[1]
+        p = database.param
+
+        def q(name: str) -> str:
+            return f"{open_q}{name}{close_q}"
+
+        key, usage = q("api_key"), q("usage")
+        self.take = (f"UPDATE {key} SET {q('balance')} = {q('balance')} - {p} "
+                     f"WHERE {q('id')} = {p} AND {q('balance')} >= {p}")
+        hold_columns = ("request_id", "key_id", "model", "created_at", "state", "stream", "reserved", "charge",
+                        "prompt_tokens", "completion_tokens", "estimated", "outcome", "owner")
+        self.hold = (f"INSERT INTO {usage} ({', '.join(q(c) for c in hold_columns)}) "
+                     f"VALUES ({', '.join([p] * len(hold_columns))})")
+        settle_columns = ("state", "charge", "prompt_tokens", "completion_tokens", "estimated", "status",
+                          "outcome", "latency_ms", "ttfb_ms")
+        self.settle_row = (f"UPDATE {usage} SET {', '.join(f'{q(c)} = {p}' for c in settle_columns)} "
+                           f"WHERE {q('request_id')} = {p} AND {q('state')} = {p}")
+        self.give_back = (f"UPDATE {key} SET {q('balance')} = {q('balance')} + {p}, "
+                          f"{q('spent')} = {q('spent')} + {p} WHERE {q('id')} = {p}")
+        self.lock_key = (f"SELECT {q('id')} FROM {key} WHERE {q('id')} = {p} FOR UPDATE"
+                         if database.for_update else None)
+
+
+def statements(database: Database) -> Statements:
+    """The statements for ``database`` (a peewee database or the proxy's current one), built once."""
+    database = getattr(database, "obj", database)
+    stmts = _CACHE.get(id(database))
+    if stmts is None:
+        stmts = _CACHE[id(database)] = Statements(database)
+    return stmts
