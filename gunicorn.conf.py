@@ -3,6 +3,7 @@ or by the environment variables named here. This file must not import ``app`` (t
 import os
 import subprocess
 import sys
+import uuid
 
 #: Where to listen. Behind nginx keep 127.0.0.1.
 bind = os.environ.get("BOUNDLESS_BIND", "127.0.0.1:8000")
@@ -33,18 +34,23 @@ def on_starting(server):
     previous run left in flight (a crash, a kill -9)."""
     _refuse_memory_storage(server)
     _metrics_dir()
+    # One id per running gateway, inherited by its workers: held ledger rows say "<id>:<pid>".
+    os.environ.setdefault("BOUNDLESS_INSTANCE_ID", uuid.uuid4().hex[:16])
     _recover(wait=True)
 
 
 def post_worker_init(worker):
-    """Cut the streams still open just before the graceful deadline, so each is settled and logged."""
+    """Cut the streams still open just before the graceful deadline, so each is settled and logged; beat,
+    so that if this worker dies its held requests are found and settled."""
     from app.lifecycle import install_graceful_stop
+    from app.lifecycle import start_heartbeat
     install_graceful_stop(worker)
+    start_heartbeat()
 
 
 def child_exit(server, worker):
     """A worker is gone (also after kill -9): settle the requests it still held."""
-    _recover("--pid", str(worker.pid))
+    _recover("--owner", f"{os.environ['BOUNDLESS_INSTANCE_ID']}:{worker.pid}")
     _metrics_worker_gone(worker.pid)
 
 

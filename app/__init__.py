@@ -12,6 +12,7 @@ from flask import Flask
 
 from . import catalog
 from . import errors
+from . import forwarded
 from . import health
 from . import logs
 from . import metrics
@@ -40,6 +41,7 @@ def create_app(test_config: dict | None = None) -> Flask:
     logging.getLogger("boundless").setLevel(logging.INFO)
 
     errors.init_app(app)
+    forwarded.init_app(app)
     models.init_app(app)
     with models.db.connection_context():
         schema.ensure()

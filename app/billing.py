@@ -21,7 +21,6 @@ from __future__ import annotations
 import math
 import os
 import re
-import socket
 import uuid
 from dataclasses import dataclass
 from dataclasses import field
@@ -224,22 +223,23 @@ def _take_extra(key_id: int, extra: int) -> int:
 
 
 class _Owner:
-    """``host:pid`` of this worker, stamped on held rows so a dead worker's rows can be found and settled."""
+    """``<instance>:<pid>`` of this worker, stamped on held rows so that a dead worker's rows can be found.
+
+    The instance id is made by the gunicorn master at start (``BOUNDLESS_INSTANCE_ID``, random) and shared by
+    its workers, so it is unique per running gateway even where host names and pids repeat (containers).
+    """
 
     def __init__(self) -> None:
         self._pid, self._value = 0, ""
 
     def get(self) -> str:
         if self._pid != os.getpid():
-            self._pid, self._value = os.getpid(), f"{hostname()}:{os.getpid()}"
+            instance = os.environ.get("BOUNDLESS_INSTANCE_ID") or f"p{uuid.uuid4().hex[:12]}"
+            self._pid, self._value = os.getpid(), f"{instance[:40]}:{os.getpid()}"
         return self._value
 
 
 OWNER = _Owner()
-
-
-def hostname() -> str:
-    return socket.gethostname()[:40]
 
 
 def settle_lost(owners: list[str]) -> int:

@@ -18,11 +18,11 @@ from peewee import fn
 
 from . import keys as keyadmin
 from . import schema
-from .billing import hostname
 from .catalog import Catalog
 from .catalog import load as load_catalog
 from .credits import to_credits
-from .lifecycle import settle_dead
+from .lifecycle import settle_owner
+from .lifecycle import settle_silent
 from .errors import ConfigurationError
 from .models import ApiKey
 from .models import Usage
@@ -263,12 +263,13 @@ def db_backup(path: str) -> None:
 
 
 @db_group.command("recover")
-@click.option("--pid", type=int, default=None, help="Only the rows of this worker pid on this host.")
-def db_recover(pid: int | None) -> None:
-    """Settle requests left held by dead workers of this host (run by gunicorn.conf.py automatically)."""
+@click.option("--owner", default=None, help="Only the rows of this worker (INSTANCE:PID), known to be dead.")
+@click.option("--silent", type=float, default=None, help="Settle workers silent this many seconds (default 90).")
+def db_recover(owner: str | None, silent: float | None) -> None:
+    """Settle requests left held by dead workers (gunicorn.conf.py runs it when a worker exits)."""
     _open_db()
     with db.connection_context():
-        n = settle_dead(hostname(), pid)
+        n = settle_owner(owner) if owner else settle_silent(**({"silent": silent} if silent is not None else {}))
     click.echo(f"settled {n} request(s) left by dead workers")
 
 

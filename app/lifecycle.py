@@ -8,25 +8,39 @@ What happens around the workers' lives, called from the hooks in gunicorn.conf.p
   finish for ``graceful_timeout`` seconds, then kills the worker. Just before that deadline we cut the
   upstreams of the streams still open, so every one of them ends through its own ``finally``: one SSE error
   event to the caller, settlement, a log line. Nothing is left held.
-* :func:`settle_dead` (``boundless db recover``, which the master runs in a child process when a worker
-  exits and at start, so the master itself never imports the app or holds a database socket): a worker killed
-  with -9 never ran its ``finally``; its held ledger rows are settled (charge 0, reservation returned; see
-  ``billing.settle_lost``).
+* A worker killed with -9 (or a box that died) never ran its ``finally``. Every held ledger row names its
+  worker (``<instance>:<pid>``) and every worker beats (:func:`start_heartbeat`, every 10 s). The master runs
+  ``boundless db recover --owner`` in a child process when a worker exits (so the master never imports the
+  app nor holds a database socket), and every live worker now and then settles the rows of workers, of any
+  gateway sharing the database, silent for 90 s (:func:`settle_silent`). Such rows are charged nothing and
+  their reservation is returned (``billing.settle_lost``).
 """
 from __future__ import annotations
 
+import datetime
 import logging
-import os
 import signal
 import threading
+import time
+
+from peewee import JOIN
 
 from . import billing
+from .models import Heartbeat
 from .models import Usage
+from .models import db
+from .models import utcnow
 
 log = logging.getLogger("boundless")
 
 #: Seconds before gunicorn's graceful deadline at which open streams are cut.
 CUT_MARGIN = 1.5
+#: A worker beats this often...
+BEAT_EVERY = 10.0
+#: ...is taken for dead after this long without a beat...
+SILENT_AFTER = 90.0
+#: ...and each worker looks for silent ones every this many beats.
+SWEEP_EVERY = 6
 
 
 def install_graceful_stop(worker) -> None:
@@ -45,25 +59,53 @@ def install_graceful_stop(worker) -> None:
     signal.signal(signal.SIGTERM, on_term)
 
 
-def settle_dead(host: str, pid: int | None = None) -> int:
-    """Settle the held rows of worker ``pid`` on ``host``, or of every dead worker of ``host``."""
-    if pid is not None:
-        owners = [f"{host}:{pid}"]
-    else:
-        owners = [o for (o,) in Usage.select(Usage.owner).where(
-            (Usage.state == "held") & Usage.owner.startswith(host + ":")).distinct().tuples()
-            if not _alive(int(o.rsplit(":", 1)[1]))]
-    n = billing.settle_lost(owners) if owners else 0
+def settle_owner(owner: str) -> int:
+    """Settle the held rows of one worker that is known to be dead (the master saw it exit)."""
+    n = billing.settle_lost([owner])
     if n:
-        log.warning("settled %d request(s) left in flight by dead worker(s) %s at no charge", n, owners)
+        log.warning("worker %s died with %d request(s) in flight; settled them at no charge", owner, n)
     return n
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+def settle_silent(silent: float = SILENT_AFTER) -> int:
+    """Settle the held rows of every worker, of any gateway, that has not beaten for ``silent`` seconds."""
+    cutoff = utcnow() - datetime.timedelta(seconds=silent)
+    owners = [o for (o,) in (Usage.select(Usage.owner).distinct()
+                             .join(Heartbeat, JOIN.LEFT_OUTER, on=(Heartbeat.owner == Usage.owner))
+                             .where((Usage.state == "held") & (Usage.created_at < cutoff)
+                                    & (Heartbeat.seen_at.is_null() | (Heartbeat.seen_at < cutoff)))
+                             .tuples())]
+    n = billing.settle_lost(owners) if owners else 0
+    if n:
+        log.warning("settled %d request(s) left in flight by silent worker(s) %s at no charge", n, owners)
+    return n
+
+
+def beat(owner: str) -> None:
+    now = utcnow()
+    if not Heartbeat.update(seen_at=now).where(Heartbeat.owner == owner).execute():
+        Heartbeat.insert(owner=owner, seen_at=now).on_conflict_ignore().execute()
+
+
+def start_heartbeat(interval: float = BEAT_EVERY) -> threading.Thread:
+    """Beat every ``interval`` seconds from this worker, and now and then settle silent workers' rows."""
+
+    def run() -> None:
+        n = 0
+        while True:
+            try:
+                with db.connection_context():
+                    beat(billing.OWNER.get())
+                    if n % SWEEP_EVERY == 0:
+                        settle_silent()
+                        (Heartbeat.delete()
+                         .where(Heartbeat.seen_at < utcnow() - datetime.timedelta(days=1))
+                         .execute())
+            except Exception:      # the database may be down for a while; beat again later
+                log.exception("heartbeat failed")
+            n += 1
+            time.sleep(interval)
+
+    thread = threading.Thread(target=run, name="boundless-heartbeat", daemon=True)
+    thread.start()
+    return thread

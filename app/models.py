@@ -143,10 +143,20 @@ class Usage(BaseModel):
     outcome = CharField(max_length=24, default="")   # complete | client_closed | upstream_cut | upstream_error ...
     latency_ms = FloatField(null=True)
     ttfb_ms = FloatField(null=True)
-    owner = CharField(max_length=64, default="", index=True)   # host:pid of the worker holding the row (v2)
+    owner = CharField(max_length=64, default="", index=True)   # instance:pid of the worker holding it (v2)
 
     class Meta:
         table_name = "usage"
+
+
+class Heartbeat(BaseModel):
+    """Each worker's last sign of life; held rows of owners silent for a minute are settled as lost (v2)."""
+
+    owner = CharField(max_length=64, primary_key=True)
+    seen_at = DateTimeField(index=True)
+
+    class Meta:
+        table_name = "heartbeat"
 
 
 class SchemaInfo(BaseModel):
@@ -157,7 +167,7 @@ class SchemaInfo(BaseModel):
         table_name = "schema_info"
 
 
-MODELS = (ApiKey, CreditEntry, Usage, SchemaInfo)
+MODELS = (ApiKey, CreditEntry, Usage, Heartbeat, SchemaInfo)
 
 
 def init_app(app: Flask) -> None:

@@ -26,6 +26,7 @@ from .catalog import Model
 from .errors import GatewayError
 from .errors import InvalidRequest
 from .errors import RateLimited
+from .errors import ServiceUnavailable
 from .errors import UpstreamError
 from .errors import UpstreamTimeout
 from .errors import sse_error_event
@@ -169,9 +170,13 @@ def relay_stream(resp: requests.Response, lease: Lease, outcome: Outcome, provid
                 yield tail
             if not relay.done:
                 yield b"data: [DONE]\n\n"
-        except UpstreamError as err:             # the provider cut or stalled the stream after it began
-            if streams.client_gone(resp):        # no: we cut it, because the caller hung up (streams.py)
-                status = "client_closed"
+        except UpstreamError as err:             # the provider cut or stalled the stream after it began...
+            status = streams.cut_reason(resp)    # ...or we did (streams.py): the caller left, or we are stopping
+            if status == "client_closed":
+                return
+            if status == "shutdown":
+                yield sse_error_event(ServiceUnavailable(
+                    "The gateway is restarting and ended this stream; retry the request.", code="shutting_down"))
                 return
             status = "upstream_timeout" if isinstance(err, UpstreamTimeout) else "upstream_cut"
             log.warning("stream from %s ended early: %s", provider, status)

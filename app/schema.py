@@ -20,18 +20,21 @@ from playhouse.migrate import migrate
 
 from .errors import ConfigurationError
 from .models import MODELS
+from .models import Heartbeat
 from .models import SCHEMA_VERSION
 from .models import SchemaInfo
 from .models import db
 
-def _v2_usage_owner(migrator: SchemaMigrator) -> list:
-    """v2: ledger rows name the worker holding them, so a dead worker's reservations can be settled."""
+def _v2_owner_and_heartbeat(migrator: SchemaMigrator) -> list:
+    """v2: ledger rows name the worker holding them, and workers beat, so a dead worker's reservations can
+    be found and settled."""
+    migrator.database.create_tables([Heartbeat], safe=True)
     return [migrator.add_column("usage", "owner", CharField(max_length=64, default="")),
             migrator.add_index("usage", ("owner",), False)]
 
 
 #: version reached -> step that takes the schema from version-1 to it.
-STEPS: dict[int, Callable[[SchemaMigrator], list]] = {2: _v2_usage_owner}
+STEPS: dict[int, Callable[[SchemaMigrator], list]] = {2: _v2_owner_and_heartbeat}
 
 
 def current_version(database: Database = db) -> int | None:

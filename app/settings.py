@@ -33,6 +33,8 @@ DEFAULTS: dict[str, object] = {
     "BOUNDLESS_UPSTREAM_READ_TIMEOUT": 300.0,
     #: Seconds a looked-up key stays cached in a worker (revocations and limit changes show within this).
     "BOUNDLESS_KEY_CACHE_SECONDS": 1.0,
+    #: Peers trusted to say who the caller is in X-Forwarded-For (a local nginx); also read by gunicorn.conf.py.
+    "BOUNDLESS_FORWARDED_ALLOW_IPS": "127.0.0.1",
     #: Number of gunicorn workers; read by the memory:// guard (the gunicorn config sets it from the same name).
     "BOUNDLESS_WORKERS": 0,
     #: Bearer token that GET /metrics requires ("" = no token; then keep /metrics off the public network).

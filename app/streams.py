@@ -36,7 +36,7 @@ class OpenStreams:
 
     def __init__(self) -> None:
         self._items: dict = {}                  # upstream response -> caller socket (or None)
-        self._gone: set = set()
+        self._ended: dict = {}                  # response -> why we cut it: "client_closed" | "shutdown"
         self._lock = threading.Lock()
         self._watcher: threading.Thread | None = None
         #: Called with +1 / -1 when a stream opens / closes (metrics hook in here).
@@ -54,25 +54,26 @@ class OpenStreams:
         for listener in self.listeners:
             listener(1)
 
-    def discard(self, resp) -> bool:
-        """Forget a finished stream; return True if the watcher saw its caller hang up."""
+    def discard(self, resp) -> None:
+        """Forget a finished stream."""
         with self._lock:
             if resp not in self._items:
                 return False
             del self._items[resp]
-            gone = resp in self._gone
-            self._gone.discard(resp)
+            self._ended.pop(resp, None)
         for listener in self.listeners:
             listener(-1)
-        return gone
 
-    def client_gone(self, resp) -> bool:
-        return resp in self._gone
+    def cut_reason(self, resp) -> str | None:
+        """Why the gateway itself cut this stream's upstream, if it did."""
+        return self._ended.get(resp)
 
     def cut_all(self) -> int:
         """Shut down the upstream socket of every open stream; return how many were cut."""
         with self._lock:
             items = list(self._items)
+            for resp in items:
+                self._ended.setdefault(resp, "shutdown")
         for resp in items:
             _shutdown(resp)
         if items:
@@ -84,14 +85,14 @@ class OpenStreams:
             time.sleep(self.interval)
             with self._lock:
                 watched = {sock: resp for resp, sock in self._items.items()
-                           if sock is not None and resp not in self._gone}
+                           if sock is not None and resp not in self._ended}
                 if not self._items:
                     self._watcher = None
                     return
             for sock, resp in watched.items():
                 if _hung_up(sock):
                     with self._lock:
-                        self._gone.add(resp)
+                        self._ended.setdefault(resp, "client_closed")
                     _shutdown(resp)
 
 

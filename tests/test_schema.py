@@ -5,8 +5,8 @@ from __future__ import annotations
 import datetime
 import hashlib
 import sqlite3
-import subprocess
 import threading
+import time
 
 import pytest
 import requests
@@ -177,25 +177,51 @@ def test_backup_while_serving(gateway_factory, tmp_path):
     assert gw.cli("db", "backup", str(copies[0]), check=False).returncode != 0    # never overwrites
 
 
-def test_recover_settles_rows_of_dead_workers(gateway_factory):
+def test_recover_settles_rows_of_silent_or_dead_workers(gateway_factory):
     gw = gateway_factory()
     gw.create_key("r", credit=10)
-    dead = subprocess.Popen(["true"])
-    dead.wait()
-    host = subprocess.run(["hostname"], capture_output=True, text=True).stdout.strip()[:40]
-    conn = sqlite3.connect(gw.database_url[len("sqlite:///"):])
+    path = gw.database_url[len("sqlite:///"):]
+    conn = sqlite3.connect(path)
+    old = "2026-01-01 00:00:00"
     with conn:
         kid = conn.execute("SELECT id FROM api_key WHERE name = 'r'").fetchone()[0]
-        conn.execute("UPDATE api_key SET balance = balance - 3000000 WHERE id = ?", (kid,))
-        conn.execute("INSERT INTO usage (request_id, key_id, model, created_at, state, stream, reserved, charge, "
-                     "prompt_tokens, completion_tokens, estimated, outcome, owner) VALUES "
-                     "('req_lost', ?, 'paid-model', '2026-01-01', 'held', 1, 3000000, 0, 0, 0, 0, '', ?)",
-                     (kid, f"{host}:{dead.pid}"))
+        conn.execute("UPDATE api_key SET balance = balance - 6000000 WHERE id = ?", (kid,))
+        insert = ("INSERT INTO usage (request_id, key_id, model, created_at, state, stream, reserved, charge, "
+                  "prompt_tokens, completion_tokens, estimated, outcome, owner) VALUES "
+                  "(?, ?, 'paid-model', ?, 'held', 1, 2000000, 0, 0, 0, 0, '', ?)")
+        conn.execute(insert, ("req_silent", kid, old, "gone-box:41"))       # no heartbeat at all
+        conn.execute(insert, ("req_alive", kid, old, "live-box:42"))        # beats: must be left alone
+        conn.execute(insert, ("req_exited", kid, old, "live-box:43"))       # its master saw it exit
+        conn.execute("INSERT INTO heartbeat (owner, seen_at) VALUES ('live-box:42', datetime('now'))")
+        conn.execute("INSERT INTO heartbeat (owner, seen_at) VALUES ('live-box:43', datetime('now'))")
     conn.close()
+
     assert "settled 1 request" in gw.cli("db", "recover").stdout
-    conn = sqlite3.connect(gw.database_url[len("sqlite:///"):])
-    assert conn.execute("SELECT state, charge, outcome FROM usage WHERE request_id = 'req_lost'").fetchone() == (
-        "settled", 0, "worker_lost")
-    assert conn.execute("SELECT balance FROM api_key WHERE id = ?", (kid,)).fetchone()[0] == 10_000_000
+    assert "settled 1 request" in gw.cli("db", "recover", "--owner", "live-box:43").stdout
+    assert "settled 0 request" in gw.cli("db", "recover").stdout
+    conn = sqlite3.connect(path)
+    rows = dict((r, (st, ch, oc)) for r, st, ch, oc in conn.execute(
+        "SELECT request_id, state, charge, outcome FROM usage WHERE request_id LIKE 'req_%'"))
+    assert rows["req_silent"] == ("settled", 0, "worker_lost")
+    assert rows["req_exited"] == ("settled", 0, "worker_lost")
+    assert rows["req_alive"][0] == "held"
+    assert conn.execute("SELECT balance FROM api_key WHERE id = ?", (kid,)).fetchone()[0] == 10_000_000 - 2_000_000
+    with conn:      # settle the live one as its worker would, so the ledger identity can be checked
+        conn.execute("UPDATE usage SET state = 'settled' WHERE request_id = 'req_alive'")
+        conn.execute("UPDATE api_key SET balance = balance + 2000000 WHERE id = ?", (kid,))
     conn.close()
     ledger_check(gw.database_url)
+
+
+def test_workers_beat(gateway_factory):
+    gw = gateway_factory(workers=2)
+    path = gw.database_url[len("sqlite:///"):]
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        conn = sqlite3.connect(path)
+        owners = [o for (o,) in conn.execute("SELECT owner FROM heartbeat")]
+        conn.close()
+        if len(owners) == 2:
+            break
+        time.sleep(0.2)
+    assert len(owners) == 2 and len({o.split(":")[0] for o in owners}) == 1     # one instance, two workers
