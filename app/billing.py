@@ -37,6 +37,7 @@ from .ledger_sql import statements
 from .models import ApiKey
 from .models import Usage
 from .models import db
+from .models import transaction
 from .models import utcnow
 
 #: Tokens added to the worst case per image part: a short image URL can cost far more tokens than bytes.
@@ -112,7 +113,7 @@ def reserve(key_id: int, model: Model, body: dict, raw_body: bytes, stream: bool
         worst = cost(prompt, completion, model.input_price, model.output_price)
     sql = statements(db)
     try:
-        with db.atomic():
+        with transaction():
             taken = 1
             if worst:
                 taken = db.execute_sql(sql.take, (worst, key_id, worst)).rowcount
@@ -181,7 +182,7 @@ def settle(lease: Lease, result: Outcome) -> int:
     lease.settled = True
     charge, pt, ct, estimated = charge_for(lease, result)
     touches_key = bool(lease.reserved or charge)      # a free request leaves the key's row alone
-    with db.connection_context(), db.atomic():
+    with db.connection_context(), transaction():
         sql = statements(db)
         if touches_key:
             _lock_key(lease.key_id)

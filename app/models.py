@@ -11,6 +11,10 @@ The database is deferred (:data:`db` is a proxy) and chosen from ``BOUNDLESS_DAT
 from __future__ import annotations
 
 import datetime
+import os
+import threading
+from contextlib import contextmanager
+from typing import Iterator
 
 from flask import Flask
 from peewee import AutoField
@@ -25,6 +29,7 @@ from peewee import ForeignKeyField
 from peewee import IntegerField
 from peewee import Model
 from peewee import SmallIntegerField
+from peewee import SqliteDatabase
 from playhouse.db_url import connect as db_url_connect
 
 #: Version of the schema this code runs on; app/schema.py has the steps from each earlier version.
@@ -58,6 +63,37 @@ def make_database(url: str):
     elif scheme.startswith(("mysql", "mariadb")):
         opts.update(charset="utf8mb4")
     return db_url_connect(url, unquote_password=True, **opts)
+
+
+class _ProcessLock:
+    """A lock per process (re-made after a fork) for the writers of an SQLite database."""
+
+    def __init__(self) -> None:
+        self._pid, self._lock = 0, None
+
+    def get(self) -> threading.RLock:
+        if self._pid != os.getpid():
+            self._pid, self._lock = os.getpid(), threading.RLock()
+        return self._lock
+
+
+_SQLITE_WRITERS = _ProcessLock()
+
+
+@contextmanager
+def transaction() -> Iterator[None]:
+    """``db.atomic()``; on SQLite, this process's writers first queue on a Python lock.
+
+    SQLite's busy handler sleeps 1, 2, 5, 10 ... ms between tries, far longer than our transactions hold the
+    lock, so threads contending inside SQLite add milliseconds each. Queued in Python, they hand over at once,
+    and SQLite is left to arbitrate only between processes.
+    """
+    if isinstance(db.obj, SqliteDatabase):
+        with _SQLITE_WRITERS.get(), db.atomic():
+            yield
+    else:
+        with db.atomic():
+            yield
 
 
 def backup_sqlite(conn, target: str) -> int:

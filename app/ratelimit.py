@@ -34,7 +34,7 @@ from limits.storage import MemoryStorage
 from limits.storage import Storage
 from limits.storage import storage_from_string
 
-from . import sqlite_storage  # noqa: F401  (registers the sqlite:// scheme with limits)
+from .sqlite_storage import SQLiteStorage   # importing it registers the sqlite:// scheme with limits
 from .errors import ConfigurationError
 from .errors import RateLimited
 from .errors import ServiceUnavailable
@@ -120,6 +120,7 @@ class RateLimiter:
         self.tz = zoneinfo.ZoneInfo(day_timezone)
         self.clock = clock
         self._memcached = isinstance(self.storage, MemcachedStorage)
+        self._pair = isinstance(self.storage, SQLiteStorage)
 
     @property
     def in_memory(self) -> bool:
@@ -155,6 +156,16 @@ class RateLimiter:
         """
         m_key, d_key, m_reset, d_reset = self._windows(key_id)
         m_exp, d_exp = m_reset + 5, d_reset + 3600     # counters expire a little after their window
+        if self._pair:                                 # our SQLite storage: both windows in one transaction
+            try:
+                used_m, used_d = self.storage.hit_pair((m_key, math.ceil(m_exp), rpm), (d_key, math.ceil(d_exp), rpd))
+                if used_m > rpm:
+                    return Decision(rpm, rpd, rpm, self.storage.get(d_key), m_reset, d_reset, refused="minute")
+            except Exception as err:
+                raise self._unavailable(err) from err
+            if used_d > rpd:
+                return Decision(rpm, rpd, used_m - 1, rpd, m_reset, d_reset, refused="day")
+            return Decision(rpm, rpd, used_m, used_d, m_reset, d_reset)
         try:
             used_m = self._incr(m_key, m_exp)
             if used_m > rpm:

@@ -8,7 +8,7 @@ one box shares and that survive a restart.
 limits has no SQL backend; this one registers itself through limits' documented storage registry (the
 ``STORAGE_SCHEME`` class attribute) on import. Fixed-window counters only, which is all the gateway uses.
 Each ``incr`` is one ``INSERT … ON CONFLICT … RETURNING`` statement, so it is one atomic write in
-autocommit mode; a negative amount gives a hit back and never takes a counter below zero. Connections are
+autocommit mode (and :meth:`SQLiteStorage.hit_pair` counts a minute and a day window in one transaction); a negative amount gives a hit back and never takes a counter below zero. Connections are
 pooled per process (re-created after a fork), so threads and greenlets share a few connections rather than
 opening one each.
 
@@ -20,6 +20,7 @@ import os
 import queue
 import random
 import sqlite3
+import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -59,6 +60,7 @@ class SQLiteStorage(Storage):
         self.purge_probability = float(options.pop("purge_probability", 0.001))
         self._pool: queue.SimpleQueue[sqlite3.Connection] = queue.SimpleQueue()
         self._pid = os.getpid()
+        self._write_lock, self._write_pid = threading.Lock(), os.getpid()
         self._schema_ready = False
         super().__init__(uri, wrap_exceptions=wrap_exceptions, **options)
 
@@ -72,7 +74,9 @@ class SQLiteStorage(Storage):
         try:
             conn.execute(f"PRAGMA busy_timeout={int(self.busy_timeout * 1000)}")   # before the WAL switch needs a lock
             self._execute_retrying(conn, "PRAGMA journal_mode=WAL")
-            conn.execute("PRAGMA synchronous=NORMAL")
+            # Counters are disposable and rewritten every request: no fsync, even at checkpoints. A process
+            # crash or restart keeps every count (the OS has the pages); only an OS crash could lose the last.
+            conn.execute("PRAGMA synchronous=OFF")
             if not self._schema_ready:
                 for stmt in _SCHEMA:
                     self._execute_retrying(conn, stmt)
@@ -115,13 +119,53 @@ class SQLiteStorage(Storage):
         else:
             self._pool.put(conn)
 
+    @contextmanager
+    def _writing(self) -> Iterator[sqlite3.Connection]:
+        """A connection for writing, with this process's other writers waiting on a Python lock.
+
+        SQLite's busy handler sleeps 1, 2, 5, 10 ... ms between tries, far longer than a counter write holds
+        the lock; queueing our own threads in Python leaves it only the other processes to wait for.
+        """
+        if self._write_pid != os.getpid():
+            self._write_lock, self._write_pid = threading.Lock(), os.getpid()
+        with self._write_lock, self._conn() as conn:
+            yield conn
+
     def incr(self, key: str, expiry: float, amount: int = 1) -> int:
         now = time.time()
-        with self._conn() as conn:
+        with self._writing() as conn:
             rows = conn.execute(_INCR, {"key": key, "amount": amount, "now": now, "expiry": expiry}).fetchall()
             if random.random() < self.purge_probability:
                 conn.execute("DELETE FROM ratelimit_counter WHERE expires_at <= ?", (now,))
         return int(rows[0][0])
+
+    def hit_pair(self, first: tuple[str, float, int], second: tuple[str, float, int]) -> tuple[int, int]:
+        """Count one hit on two windows in one transaction: (key, expiry, limit) each.
+
+        The second is counted only if the first stays within its limit; a count that went over its limit is
+        given back before the commit, so no other process ever sees it. Returns the two counts as seen by this
+        hit (the second is 0 when the first refused); a count over its limit means that window refused.
+        """
+        now = time.time()
+        with self._writing() as conn:
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                counts = []
+                for key, expiry, limit in (first, second):
+                    (count,) = conn.execute(_INCR, {"key": key, "amount": 1, "now": now,
+                                                    "expiry": expiry}).fetchone()
+                    counts.append(count)
+                    if count > limit:
+                        for undo_key, undo_expiry, _ in (first, second)[:len(counts)]:
+                            conn.execute(_INCR, {"key": undo_key, "amount": -1, "now": now,
+                                                 "expiry": undo_expiry}).fetchall()
+                        break
+                conn.execute("COMMIT")
+            except BaseException:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                raise
+        return counts[0], counts[1] if len(counts) > 1 else 0
 
     def get(self, key: str) -> int:
         with self._conn() as conn:
@@ -145,9 +189,9 @@ class SQLiteStorage(Storage):
             return False
 
     def reset(self) -> int | None:
-        with self._conn() as conn:
+        with self._writing() as conn:
             return conn.execute("DELETE FROM ratelimit_counter").rowcount
 
     def clear(self, key: str) -> None:
-        with self._conn() as conn:
+        with self._writing() as conn:
             conn.execute("DELETE FROM ratelimit_counter WHERE key = ?", (key,))
