@@ -11,12 +11,14 @@ the gateway asked for on the caller's behalf when the caller did not ask for it.
 """
 from __future__ import annotations
 
-import json
 import re
+
+from .jsonio import loads
 
 _BOUNDARY = re.compile(rb"\r?\n\r?\n")
 _CONTENT = re.compile(rb'"(?:reasoning_)?content"\s*:\s*"(?!")')
 _EMPTY_CHOICES = re.compile(rb'"choices"\s*:\s*\[\s*\]')
+_USAGE_OBJECT = re.compile(rb'"usage"\s*:\s*\{')
 
 #: An event larger than this without a boundary is forwarded as is rather than buffered without end.
 MAX_EVENT = 1 << 20
@@ -65,9 +67,9 @@ class EventRelay:
         if data == b"[DONE]":
             self.done = True
             return True, False
-        if b'"usage"' in data:
+        if _USAGE_OBJECT.search(data):          # not '"usage": null', which rides on every chunk
             try:
-                obj = json.loads(data)
+                obj = loads(data)
             except ValueError:
                 return True, False
             if isinstance(obj, dict) and isinstance(obj.get("usage"), dict):
