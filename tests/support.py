@@ -45,6 +45,17 @@ def wait_port(port: int, timeout: float = 15.0) -> None:
     raise TimeoutError(f"nothing listens on 127.0.0.1:{port}")
 
 
+def events_with_times(resp: requests.Response) -> list[tuple[float, str]]:
+    """(arrival time, event) for each SSE event of a streamed response, read as the bytes arrive."""
+    buf, out = b"", []
+    while chunk := resp.raw.read1(65536):
+        buf += chunk
+        while b"\n\n" in buf:
+            ev, buf = buf.split(b"\n\n", 1)
+            out.append((time.monotonic(), ev.decode()))
+    return out
+
+
 def write_catalog(path: Path, upstream_url: str, rpm: int = 20, rpd: int = 50, tz: str = "UTC",
                   extra: str = "") -> Path:
     path.write_text(textwrap.dedent(f"""\

@@ -34,6 +34,7 @@ import requests
 from app.models import Usage
 from app.models import db
 from app.models import make_database
+from support import events_with_times
 from support import BIN
 from support import ROOT
 from support import Gateway
@@ -189,17 +190,6 @@ def open_stream(base: str, key: str, mock=None, marker: str = "") -> requests.Re
         body["mock"] = mock
     return session().post(base + "/api/v1/chat/completions", json=body, stream=True, timeout=30,
                           headers=auth(key))
-
-
-def events_with_times(resp: requests.Response) -> list[tuple[float, str]]:
-    """(arrival time, event) for each SSE event, read as the bytes arrive."""
-    buf, out = b"", []
-    while chunk := resp.raw.read1(65536):
-        buf += chunk
-        while b"\n\n" in buf:
-            ev, buf = buf.split(b"\n\n", 1)
-            out.append((time.monotonic(), ev.decode()))
-    return out
 
 
 def is_content(event: str) -> bool:

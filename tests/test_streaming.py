@@ -13,6 +13,8 @@ import openai
 import pytest
 import requests
 
+from support import events_with_times
+
 MSG = [{"role": "user", "content": "hello there"}]
 
 
@@ -22,17 +24,6 @@ def open_stream(gw, key, mock=None, **extra):
         body["mock"] = mock
     return requests.post(gw.base_url + "/chat/completions", json=body, stream=True, timeout=30,
                          headers={"Authorization": f"Bearer {key}"})
-
-
-def events_with_times(resp):
-    """(arrival time, event) for each SSE event, read as bytes arrive."""
-    buf, out = b"", []
-    while chunk := resp.raw.read1(65536):
-        buf += chunk
-        while b"\n\n" in buf:
-            ev, buf = buf.split(b"\n\n", 1)
-            out.append((time.monotonic(), ev.decode()))
-    return out
 
 
 def test_events_arrive_as_the_upstream_sends_them(gateway, key):
