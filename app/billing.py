@@ -18,10 +18,12 @@ Free models reserve nothing and write their ledger row when they settle. No Flas
 """
 from __future__ import annotations
 
+import logging
 import math
 import os
 import re
 import uuid
+from collections import deque
 from dataclasses import dataclass
 from dataclasses import field
 
@@ -39,6 +41,8 @@ from .models import Usage
 from .models import db
 from .models import transaction
 from .models import utcnow
+
+log = logging.getLogger("boundless")
 
 #: Tokens added to the worst case per image part: a short image URL can cost far more tokens than bytes.
 IMAGE_TOKENS = 1_600
@@ -179,7 +183,6 @@ def settle(lease: Lease, result: Outcome) -> int:
     """Write the ledger row and give back the unused reservation, once; return the charge in micro-credits."""
     if lease.settled:
         return 0
-    lease.settled = True
     charge, pt, ct, estimated = charge_for(lease, result)
     touches_key = bool(lease.reserved or charge)      # a free request leaves the key's row alone
     with db.connection_context(), transaction():
@@ -190,13 +193,44 @@ def settle(lease: Lease, result: Outcome) -> int:
             "settled", min(charge, lease.reserved), pt, ct, estimated, result.status, result.outcome[:24],
             result.latency_ms, result.ttfb_ms, lease.request_id, "held")).rowcount
         if claimed != 1:
+            lease.settled = True
             return 0
         if charge > lease.reserved:      # rare: the usage beat the worst-case estimate
             charge = lease.reserved + _take_extra(lease.key_id, charge - lease.reserved)
             Usage.update(charge=charge).where(Usage.request_id == lease.request_id).execute()
         if touches_key:
             db.execute_sql(sql.give_back, (lease.reserved - min(charge, lease.reserved), charge, lease.key_id))
+    lease.settled = True                 # only once committed: a failed attempt can be made again
     return charge
+
+
+#: Settlements that failed (the database was unreachable), retried by the worker's heartbeat thread, so a
+#: reservation is never left held by a worker that is still alive.
+PENDING: deque[tuple[Lease, Outcome]] = deque()
+
+
+def settle_or_defer(lease: Lease, result: Outcome) -> int:
+    """:func:`settle`, or, if the database fails, queue it for :func:`retry_pending` (never raises for that)."""
+    try:
+        return settle(lease, result)
+    except PeeweeException:
+        log.exception("settling %s failed; will retry", lease.request_id)
+        PENDING.append((lease, result))
+        return 0
+
+
+def retry_pending() -> int:
+    """Try the deferred settlements once more; return how many went through."""
+    done = 0
+    for _ in range(len(PENDING)):
+        lease, result = PENDING.popleft()
+        try:
+            settle(lease, result)
+            done += 1
+        except PeeweeException:
+            PENDING.append((lease, result))
+            break                        # still down: keep the rest for the next beat
+    return done
 
 
 def _lock_key(key_id: int) -> None:

@@ -96,6 +96,7 @@ def start_heartbeat(interval: float = BEAT_EVERY) -> threading.Thread:
             try:
                 with db.connection_context():
                     beat(billing.OWNER.get())
+                    billing.retry_pending()
                     if n % SWEEP_EVERY == 0:
                         settle_silent()
                         (Heartbeat.delete()

@@ -195,6 +195,6 @@ def _finish(lease: Lease, outcome: Outcome, status: str, started: float, finish:
     outcome.outcome = status
     outcome.latency_ms = (time.perf_counter() - started) * 1000
     try:
-        billing.settle(lease, outcome)
+        billing.settle_or_defer(lease, outcome)
     finally:
         finish(lease, outcome)

@@ -249,6 +249,29 @@ def test_reserve_holds_worst_case_and_settle_returns_the_rest(sqlite_db):
     ledger_check(sqlite_db)
 
 
+def test_a_settlement_that_fails_is_retried_not_lost(sqlite_db, tmp_path):
+    kid = _new_key("retry", "1")
+    body, raw = _body(10)
+    rid = billing.new_request_id()
+    lease = billing.reserve(kid, PAID, body, raw, False, rid)
+    outcome = Outcome(status=200, usage={"prompt_tokens": 6, "completion_tokens": 5}, produced=True)
+
+    db.initialize(make_database(f"sqlite:///{tmp_path / 'no-such-dir' / 'x.db'}"))   # the database is gone
+    billing.PENDING.clear()
+    assert billing.settle_or_defer(lease, outcome) == 0          # no exception reaches the caller
+    assert len(billing.PENDING) == 1 and not lease.settled
+    assert billing.retry_pending() == 0 and len(billing.PENDING) == 1   # still down: kept
+
+    _init(sqlite_db)                                              # it is back
+    assert Usage.get(Usage.request_id == rid).state == "held"
+    assert billing.retry_pending() == 1 and not billing.PENDING
+    row = Usage.get(Usage.request_id == rid)
+    assert (row.state, row.charge) == ("settled", 16_000)
+    assert _balance(kid) == (1_000_000 - 16_000, 16_000)
+    assert billing.retry_pending() == 0
+    ledger_check(sqlite_db)
+
+
 def test_reserve_refuses_without_changing_anything(sqlite_db):
     kid = _new_key("poor", "0.05")
     body, raw = _body(100)
