@@ -100,7 +100,8 @@ class Outcome:
     outcome: str = "complete"
     ttfb_ms: float | None = None
     latency_ms: float | None = None
-    extra: dict = field(default_factory=dict)
+    #: (charge, prompt_tokens, completion_tokens, estimated) as settle() wrote them to the ledger.
+    settled: tuple[int, int, int, bool] | None = None
 
 
 def reserve(key_id: int, model: Model, body: dict, raw_body: bytes, stream: bool, request_id: str) -> Lease:
@@ -201,6 +202,7 @@ def settle(lease: Lease, result: Outcome) -> int:
         if touches_key:
             db.execute_sql(sql.give_back, (lease.reserved - min(charge, lease.reserved), charge, lease.key_id))
     lease.settled = True                 # only once committed: a failed attempt can be made again
+    result.settled = (charge, pt, ct, estimated)
     return charge
 
 

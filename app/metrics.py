@@ -34,6 +34,7 @@ from prometheus_client import generate_latest
 from prometheus_client import values
 
 from . import reporting
+from .credits import MICRO
 from .errors import AuthenticationError
 
 log = logging.getLogger("boundless")
@@ -108,7 +109,7 @@ class Metrics:
         if rep.completion_tokens:
             self.completion_tokens.labels(model).inc(rep.completion_tokens)
         if rep.charge:
-            self.credits.labels(model).inc(rep.charge / 1_000_000)
+            self.credits.labels(model).inc(rep.charge / MICRO)
         if rep.outcome in UPSTREAM_FAILURES:
             self.upstream_errors.labels(rep.provider or "", rep.outcome).inc()
 

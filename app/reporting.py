@@ -166,7 +166,8 @@ def from_request(status: int) -> Report:
 def from_finish(lease: Lease, outcome: Outcome, status: int) -> Report:
     """A chat request that reached the upstream stage, as its finish hook saw it."""
     ctx = lease.context
-    charge, pt, ct, estimated = billing.charge_for(lease, outcome)
+    # What the ledger got; if settling failed (it is retried later), what it will get.
+    charge, pt, ct, estimated = outcome.settled or billing.charge_for(lease, outcome)
     return Report(
         ts=time.time(), method=ctx.get("method", "POST"), path=ctx.get("path", ""),
         route=ctx.get("route") or ctx.get("path", ""), status=status, request_id=lease.request_id,

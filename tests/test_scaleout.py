@@ -195,6 +195,16 @@ def content_count(data: bytes) -> int:
     return len(re.findall(rb'"content":" ?tok', data))
 
 
+def read_until_content(resp, n: int) -> bytes:
+    """Read a stream until it has delivered ``n`` content events; return what was read."""
+    buf = b""
+    while content_count(buf) < n:
+        data = resp.raw.read1(65536)
+        assert data, "stream ended early"
+        buf += data
+    return buf
+
+
 def sse_events(data: bytes) -> list[str]:
     return [e for e in data.decode(errors="replace").replace("\r\n", "\n").split("\n\n") if e.strip()]
 
@@ -425,11 +435,7 @@ def test_kill_9_of_a_worker_mid_stream(cluster, mock):
         resp = post(a, key, raw, stream=True, http=http)
         assert resp.status_code == 200
         rid = resp.headers["X-Request-Id"]
-        buf = b""
-        while content_count(buf) < 3:
-            data = resp.raw.read1(65536)
-            assert data, "stream ended early"
-            buf += data
+        buf = read_until_content(resp, 3)
         row = wait_row(db_url, rid, lambda r: r.state == "held", 5)
         serving = int(row.owner.rsplit(":", 1)[1])
         workers = worker_pids(a.proc.pid)
@@ -491,11 +497,7 @@ def test_sigterm_cuts_open_stream_at_the_deadline_and_settles_it(cluster):
         resp = post(a, key, raw, stream=True, http=session())
         assert resp.status_code == 200
         rid = resp.headers["X-Request-Id"]
-        buf = b""
-        while content_count(buf) < 3:
-            data = resp.raw.read1(65536)
-            assert data, "stream ended early"
-            buf += data
+        buf = read_until_content(resp, 3)
         before = content_count(buf)
         a.proc.send_signal(signal.SIGTERM)
         term = time.monotonic()
