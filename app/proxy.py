@@ -17,8 +17,6 @@ import time
 from typing import Callable
 from typing import Iterator
 
-import requests
-
 from . import billing
 from .billing import Lease
 from .billing import Outcome
@@ -34,7 +32,9 @@ from .jsonio import dumps
 from .jsonio import loads
 from .sse import EventRelay
 from .streams import OpenStreams
+from .upstream import Response
 from .upstream import UpstreamClient
+from .upstream import close
 from .upstream import iter_raw
 from .upstream import read_body
 
@@ -58,9 +58,9 @@ def upstream_payload(body: dict, model: Model, stream: bool) -> bytes:
     return dumps(out)
 
 
-def upstream_failure(resp: requests.Response, body: bytes, model: Model) -> GatewayError | tuple[bytes, int, dict]:
+def upstream_failure(resp: Response, body: bytes, model: Model) -> GatewayError | tuple[bytes, int, dict]:
     """Map a non-2xx upstream answer to what the caller gets (see the README's error table)."""
-    status = resp.status_code
+    status = resp.status
     provider = model.provider.name
     secret = model.provider.api_key()
     if secret:
@@ -104,16 +104,16 @@ def forward(client: UpstreamClient, model: Model, body: dict, lease: Lease, star
     except GatewayError as err:
         _finish(lease, outcome, "upstream_unreachable", started, finish)
         raise err
-    outcome.status = resp.status_code
+    outcome.status = resp.status
     outcome.ttfb_ms = (time.perf_counter() - started) * 1000
 
-    if resp.status_code >= 300 or not stream:
+    if resp.status >= 300 or not stream:
         try:
             data = read_body(resp, model.provider.name)
         except GatewayError:
             _finish(lease, outcome, "upstream_cut", started, finish)
             raise
-        if resp.status_code >= 300:
+        if resp.status >= 300:
             _finish(lease, outcome, "upstream_error", started, finish)
             mapped = upstream_failure(resp, data, model)
             if isinstance(mapped, GatewayError):
@@ -146,7 +146,7 @@ def _usage_of(data: bytes) -> dict | None:
     return usage if isinstance(usage, dict) else None
 
 
-def relay_stream(resp: requests.Response, lease: Lease, outcome: Outcome, provider: str, strip_usage: bool,
+def relay_stream(resp: Response, lease: Lease, outcome: Outcome, provider: str, strip_usage: bool,
                  started: float, finish: Finish, streams: OpenStreams) -> Iterator[bytes]:
     """Yield the upstream's events as they arrive; settle in ``finally`` however the stream ends."""
     relay = EventRelay(strip_usage_chunk=strip_usage)
@@ -185,7 +185,7 @@ def relay_stream(resp: requests.Response, lease: Lease, outcome: Outcome, provid
         status = "client_closed"
         raise
     finally:
-        resp.close()                             # closes the upstream socket, so the provider stops generating
+        close(resp, status == "complete")        # else closes the upstream socket: the provider stops generating
         streams.discard(resp)
         outcome.usage = relay.usage
         _finish(lease, outcome, status, started, finish)

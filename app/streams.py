@@ -19,6 +19,8 @@ import threading
 import time
 from typing import Callable
 
+from .upstream import shutdown
+
 log = logging.getLogger("boundless")
 
 
@@ -75,7 +77,7 @@ class OpenStreams:
             for resp in items:
                 self._ended.setdefault(resp, "shutdown")
         for resp in items:
-            _shutdown(resp)
+            shutdown(resp)
         if items:
             log.warning("graceful stop: cut %d open stream(s) at the deadline", len(items))
         return len(items)
@@ -93,7 +95,7 @@ class OpenStreams:
                 if _hung_up(sock):
                     with self._lock:
                         self._ended.setdefault(resp, "client_closed")
-                    _shutdown(resp)
+                    shutdown(resp)
 
 
 def _hung_up(sock) -> bool:
@@ -111,8 +113,3 @@ def _hung_up(sock) -> bool:
         return True
 
 
-def _shutdown(resp) -> None:
-    try:
-        resp.raw.connection.sock.shutdown(socket.SHUT_RDWR)
-    except (AttributeError, OSError):     # already closed or never connected
-        pass

@@ -194,6 +194,8 @@ class Connection(asyncio.StreamReaderProtocol):
         self.loop = asyncio.get_running_loop()
         super().__init__(asyncio.StreamReader(loop=self.loop), self._connected, loop=self.loop)
         self.server = server
+        server.connections += 1
+        self.serial = server.connections         # recorded with each request: which connection carried it
         self.peer_gone = False
         self.waiter: asyncio.Future | None = None
         self.record: dict | None = None
@@ -307,6 +309,7 @@ class MockServer:
         self.record = record
         self.records: deque[dict] = deque(maxlen=MAX_RECORDS)
         self.seq = 0
+        self.connections = 0
 
     async def handle_connection(self, conn: Connection) -> None:
         try:
@@ -350,7 +353,7 @@ class MockServer:
         knobs = body["mock"] if isinstance(body.get("mock"), dict) else {}
         self.seq += 1
         conn.record = record = {
-            "id": self.seq, "method": req.method, "path": req.path, "headers": req.headers, "body": body,
+            "id": self.seq, "connection": conn.serial, "method": req.method, "path": req.path, "headers": req.headers, "body": body,
             "stream": bool(body.get("stream")), "chunks_sent": 0, "completed": False, "client_closed": False,
             "closed_at": None, "started_at": time.time()}
         if self.record:

@@ -12,7 +12,7 @@ from collections.abc import Callable
 
 FLOOR = "direct"
 #: The issue's targets, checked for each boundless variant.
-GATEWAYS = ("boundless-gthread", "boundless-gevent")
+GATEWAYS = ("boundless-gthread", "boundless-gevent", "boundless-baseline")
 MIB = 1024 * 1024
 
 
@@ -92,7 +92,9 @@ def markdown(result: dict) -> str:
     lines = [f"# Boundless benchmark — {meta['started']}", ""]
     lines += [f"- machine: {meta['machine']['cpu_model']}, {meta['machine']['nproc']} CPUs, "
               f"{meta['machine']['mem_total']} RAM; load average at start {meta['machine']['loadavg']}",
-              f"- gateway code: {meta['code']}",
+              f"- gateway code: {meta['code']}"
+              + (f"; `boundless-baseline` is commit {meta['baseline']} (its shipped gunicorn.conf.py)"
+                 if meta.get("baseline") else ""),
               "- versions: " + ", ".join(f"{k} {v}" for k, v in meta["versions"].items()),
               f"- method: {meta['reps']} interleaved repetitions; per point a warm-up of at least {meta['warmup']} s "
               f"and until every client has had an answer (at most {meta['warmup_max']} s), then "

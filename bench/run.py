@@ -89,6 +89,7 @@ class Settings:
     capacity_ramp: float
     targets: list[str]
     pin: bool
+    baseline: str | None
     points: list[Point]
 
 
@@ -196,6 +197,7 @@ class Bench:
             "boundless-gthread": lambda: tg.start_boundless(self.procs, mock_port, "gthread"),
             "boundless-gevent": lambda: tg.start_boundless(self.procs, mock_port, "gevent"),
             "litellm": lambda: tg.start_litellm(self.procs, mock_port),
+            tg.BASELINE: lambda: tg.start_baseline(self.procs, mock_port, self.s.baseline),
         }
         for name in self.s.targets:
             try:
@@ -319,8 +321,11 @@ def versions() -> dict:
             out[dist] = importlib.metadata.version(dist)
         except importlib.metadata.PackageNotFoundError:
             out[dist] = "?"
-    nginx = subprocess.run([tg.NGINX, "-v"], capture_output=True, text=True)
-    out["nginx"] = nginx.stderr.strip().rsplit("/", 1)[-1] or "?"
+    try:
+        nginx = subprocess.run([tg.NGINX, "-v"], capture_output=True, text=True)
+        out["nginx"] = nginx.stderr.strip().rsplit("/", 1)[-1] or "?"
+    except OSError:
+        out["nginx"] = "not installed"
     out["litellm"] = tg.litellm_version() or "not installed"
     return out
 
@@ -359,12 +364,17 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, Settings]:
     parser.add_argument("--pin", action="store_true",
                         help="pin the load driver to CPU 0 and the servers to the other CPUs (taskset)")
     parser.add_argument("--out", type=Path, default=RESULTS, help="where latest.md / latest.json go")
+    parser.add_argument("--baseline", metavar="REV",
+                        help="also run the gateway at git commit REV (its shipped gunicorn.conf.py), as target "
+                             f"{tg.BASELINE}: before/after in the same interleaved run")
     args = parser.parse_args(argv)
     names = [n.strip() for n in args.targets.split(",") if n.strip()]
     if unknown := set(names) - set(tg.TARGET_NAMES):
         parser.error(f"unknown targets: {', '.join(sorted(unknown))}")
     if "direct" not in names:
         names.insert(0, "direct")          # the floor every ratio needs
+    if args.baseline:
+        names.append(tg.BASELINE)
     wanted = [k.strip() for k in args.points.split(",") if k.strip()]
     if unknown := set(wanted) - {p.key for p in POINTS}:
         parser.error(f"unknown points: {', '.join(sorted(unknown))}")
@@ -376,7 +386,7 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, Settings]:
         duration=args.duration or (1.0 if quick else 2.5),
         capacity_streams=0 if args.no_capacity else (100 if quick else 1000),
         capacity_chunks=30 if quick else 300, capacity_gap=0.1, capacity_ramp=0.5 if quick else 2.0,
-        targets=names, pin=args.pin and (os.cpu_count() or 1) > 1,
+        targets=names, pin=args.pin and (os.cpu_count() or 1) > 1, baseline=args.baseline,
         points=[p for p in POINTS if not wanted or p.key in wanted])
     return args, settings
 
@@ -406,7 +416,7 @@ def main(argv: list[str] | None = None) -> int:
     pinning = (f"load driver pinned to CPU 0, every server (mock included) to CPU {server_cpus} with taskset"
                if s.pin else "no CPU pinning (driver and servers share all CPUs)")
     meta = {"started": datetime.datetime.now().astimezone().isoformat(timespec="seconds"), "machine": machine(),
-            "code": code_version(), "versions": versions(), "reps": s.reps, "warmup": s.warmup,
+            "code": code_version(), "baseline": s.baseline, "versions": versions(), "reps": s.reps, "warmup": s.warmup,
             "warmup_max": s.warmup_max, "duration": s.duration, "pinning": pinning,
             "points": [p.key for p in s.points], "slow_knobs": SLOW,
             "capacity": {"streams": s.capacity_streams, "chunks": s.capacity_chunks, "gap": s.capacity_gap,
@@ -428,6 +438,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     finally:
         procs.close()
+        tg.remove_baseline(procs)
         shutil.rmtree(workdir, ignore_errors=True)
     meta["wall_s"] = time.monotonic() - t0
     bench.peak_rss()

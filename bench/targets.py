@@ -39,6 +39,8 @@ MODEL = "bench-paid"
 KEY_ALLOWANCE = "100000000"
 
 TARGET_NAMES = ("direct", "nginx", "bare", "boundless-gthread", "boundless-gevent", "litellm")
+#: The gateway at another commit (``bench.run --baseline REV``), for before/after from the same run.
+BASELINE = "boundless-baseline"
 
 
 class TargetError(Exception):
@@ -69,12 +71,13 @@ class Processes:
         self.cpus = cpus
         self.procs: list[subprocess.Popen] = []
 
-    def spawn(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> subprocess.Popen:
+    def spawn(self, name: str, argv: list[str], env: dict[str, str] | None = None,
+              cwd: Path = REPO) -> subprocess.Popen:
         """Start ``argv`` (pinned to the server CPUs if any), output to ``<workdir>/<name>.log``."""
         if self.cpus is not None:
             argv = ["taskset", "-c", self.cpus, *argv]
         with open(self.log_path(name), "ab") as log:
-            proc = subprocess.Popen(argv, cwd=REPO, env=env or _clean_env(), stdin=subprocess.DEVNULL,
+            proc = subprocess.Popen(argv, cwd=cwd, env=env or _clean_env(), stdin=subprocess.DEVNULL,
                                     stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         self.procs.append(proc)
         return proc
@@ -183,10 +186,10 @@ http {{
 
 
 def _gunicorn(procs: Processes, name: str, conf: str, app: str,
-              env: dict[str, str]) -> tuple[subprocess.Popen, int]:
+              env: dict[str, str], cwd: Path = REPO) -> tuple[subprocess.Popen, int]:
     port = free_port()
     argv = [str(VENV_BIN / "gunicorn"), "-c", conf, "--no-control-socket", "-b", f"127.0.0.1:{port}", app]
-    return procs.spawn(name, argv, env), port
+    return procs.spawn(name, argv, env, cwd), port
 
 
 def start_bare(procs: Processes, mock_port: int) -> Target:
@@ -195,7 +198,7 @@ def start_bare(procs: Processes, mock_port: int) -> Target:
     return Target("bare", port, proc, "/v1", log="bare")
 
 
-def boundless_env(home: Path, mock_port: int, worker_class: str) -> dict[str, str]:
+def boundless_env(home: Path, mock_port: int, worker_class: str | None) -> dict[str, str]:
     """The gateway's environment: a catalogue with one paid model on the mock, SQLite everything, all files
     (database, rate-limit counters, metrics) in ``home``."""
     home.mkdir(parents=True, exist_ok=True)
@@ -214,23 +217,48 @@ upstream_model = "mock-model"
 input_price = 1
 output_price = 2
 """)
-    return _clean_env(BOUNDLESS_CONFIG=str(catalogue), BOUNDLESS_DATABASE_URL=f"sqlite:///{home / 'b.db'}",
-                      BOUNDLESS_INSTANCE_DIR=str(home), BOUNDLESS_METRICS_DIR=str(home / "metrics"),
-                      BOUNDLESS_WORKER_CLASS=worker_class)
+    env = _clean_env(BOUNDLESS_CONFIG=str(catalogue), BOUNDLESS_DATABASE_URL=f"sqlite:///{home / 'b.db'}",
+                     BOUNDLESS_INSTANCE_DIR=str(home), BOUNDLESS_METRICS_DIR=str(home / "metrics"))
+    if worker_class:
+        env["BOUNDLESS_WORKER_CLASS"] = worker_class
+    return env
 
 
-def start_boundless(procs: Processes, mock_port: int, worker_class: str) -> Target:
-    name = f"boundless-{worker_class}"
+def start_boundless(procs: Processes, mock_port: int, worker_class: str | None,
+                    name: str | None = None, code: Path = REPO) -> Target:
+    """The gateway from ``code`` (this checkout, or a worktree of another commit) with every feature on;
+    ``worker_class`` None keeps the one that code's ``gunicorn.conf.py`` ships."""
+    name = name or f"boundless-{worker_class}"
     env = boundless_env(procs.workdir / name, mock_port, worker_class)
+    if code != REPO:                     # import that commit's app/, not this checkout's (editable install)
+        env["PYTHONPATH"] = str(code)
     created = subprocess.run(
         [str(VENV_BIN / "boundless"), "keys", "create", "--name", "bench", "--rpm", KEY_ALLOWANCE,
          "--rpd", KEY_ALLOWANCE, "--credit", KEY_ALLOWANCE],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
+        cwd=code, env=env, capture_output=True, text=True, timeout=60)
     key = created.stdout.strip().splitlines()[-1] if created.stdout.strip() else ""
     if created.returncode or not key.startswith("sk-"):
         raise TargetError(f"boundless keys create failed: {created.stderr.strip()[-500:]}")
-    proc, port = _gunicorn(procs, name, "gunicorn.conf.py", "wsgi:app", env)
+    proc, port = _gunicorn(procs, name, "gunicorn.conf.py", "wsgi:app", env, code)
     return Target(name, port, proc, "/api/v1", {"Authorization": f"Bearer {key}"}, capacity=True, log=name)
+
+
+def start_baseline(procs: Processes, mock_port: int, rev: str) -> Target:
+    """The gateway at commit ``rev``, checked out with ``git worktree`` into the run's work folder (removed
+    again by :func:`remove_baseline`), run exactly as :func:`start_boundless` runs this checkout."""
+    tree = procs.workdir / "baseline"
+    out = subprocess.run(["git", "worktree", "add", "--detach", str(tree), rev], cwd=REPO,
+                         capture_output=True, text=True, timeout=60)
+    if out.returncode:
+        raise TargetError(f"git worktree add {rev} failed: {out.stderr.strip()[-300:]}")
+    return start_boundless(procs, mock_port, None, BASELINE, tree)
+
+
+def remove_baseline(procs: Processes) -> None:
+    tree = procs.workdir / "baseline"
+    if tree.exists():
+        subprocess.run(["git", "worktree", "remove", "--force", str(tree)], cwd=REPO, capture_output=True,
+                       timeout=60)
 
 
 def start_litellm(procs: Processes, mock_port: int) -> Target:

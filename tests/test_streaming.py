@@ -142,3 +142,32 @@ def test_hang_up_during_upstream_silence_closes_it_within_seconds(gateway, key, 
     rec = mock.wait_for(lambda r: r["client_closed"], timeout=10)
     assert rec is not None, "the upstream stayed open during its silence"
     assert rec["closed_at"] - hung_up < 5 and rec["chunks_sent"] == 1
+
+
+def test_upstream_connections_are_kept_alive_but_an_abandoned_one_is_not_reused(gateway, key, mock):
+    """Answers read to the end leave their connection in the pool; a stream the caller left closes its own."""
+    headers = {"Authorization": f"Bearer {key}"}
+    url = gateway.base_url + "/chat/completions"
+    mock.reset()
+    for _ in range(6):
+        assert requests.post(url, json={"model": "free-model", "messages": MSG}, headers=headers,
+                             timeout=10).status_code == 200
+        with open_stream(gateway, key, mock={"chunks": 2, "gap": 0.01}) as resp:
+            assert resp.text.rstrip().endswith("data: [DONE]")
+    done = mock.requests()
+    assert len(done) == 12
+    # Each worker process opens its connection once and reuses it (the gateway runs 2 workers).
+    assert len({r["connection"] for r in done}) <= 2, [r["connection"] for r in done]
+
+    resp = open_stream(gateway, key, mock={"chunks": 200, "gap": 0.05})
+    it = resp.iter_lines()
+    while b"tok1" not in next(it):
+        pass
+    resp.close()
+    abandoned = mock.wait_for(lambda r: r["client_closed"], timeout=10)
+    assert abandoned is not None
+    for _ in range(4):
+        assert requests.post(url, json={"model": "free-model", "messages": MSG}, headers=headers,
+                             timeout=10).status_code == 200
+    later = [r for r in mock.requests() if r["id"] > abandoned["id"]]
+    assert len(later) == 4 and abandoned["connection"] not in {r["connection"] for r in later}
