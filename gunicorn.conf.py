@@ -9,13 +9,15 @@ import uuid
 bind = os.environ.get("BOUNDLESS_BIND", "127.0.0.1:8000")
 #: One worker per core: the work is I/O-bound and each worker serves many requests at once.
 workers = int(os.environ.get("BOUNDLESS_WORKERS", "2"))
-#: gthread: one thread per in-flight request; a stream holds its thread while it sleeps in recv, so
-#: workers x threads is the number of concurrent requests (and streams). See README "Worker class".
-worker_class = os.environ.get("BOUNDLESS_WORKER_CLASS", "gthread")
+#: gevent: one greenlet per in-flight request, so an open stream costs a few KiB and no thread; up to
+#: workers x worker_connections requests (and streams) at once. gthread (one OS thread per request,
+#: workers x threads of them) also works; see README "Worker class" and docs/benchmarks.md for both.
+worker_class = os.environ.get("BOUNDLESS_WORKER_CLASS", "gevent")
+#: gthread only: threads per worker.
 threads = int(os.environ.get("BOUNDLESS_THREADS", "64"))
-#: Connections per worker, open streams and idle keep-alive ones included.
+#: Connections per worker (gevent; gthread too), open streams and idle keep-alive ones included.
 worker_connections = int(os.environ.get("BOUNDLESS_WORKER_CONNECTIONS", "1000"))
-#: For gthread this is a heartbeat, not a limit on a stream's length.
+#: A heartbeat (a worker whose loop is stuck this long is restarted), not a limit on a stream's length.
 timeout = int(os.environ.get("BOUNDLESS_TIMEOUT", "60"))
 #: On SIGTERM/HUP, open streams get this long to finish.
 graceful_timeout = int(os.environ.get("BOUNDLESS_GRACEFUL_TIMEOUT", "90"))
@@ -42,10 +44,12 @@ def on_starting(server):
 def post_worker_init(worker):
     """Cut the streams still open just before the graceful deadline, so each is settled and logged; beat,
     so that if this worker dies its held requests are found and settled."""
+    from app.lifecycle import freeze_startup_objects
     from app.lifecycle import install_graceful_stop
     from app.lifecycle import start_heartbeat
     install_graceful_stop(worker)
     start_heartbeat()
+    freeze_startup_objects()
 
 
 def child_exit(server, worker):
