@@ -29,6 +29,8 @@ from urllib.parse import urlparse
 
 from limits.storage import Storage
 
+from .sqlite_busy import begin_immediate
+
 _SCHEMA = (
     "CREATE TABLE IF NOT EXISTS ratelimit_counter ("
     " key TEXT PRIMARY KEY, value INTEGER NOT NULL, expires_at REAL NOT NULL) WITHOUT ROWID",
@@ -148,7 +150,7 @@ class SQLiteStorage(Storage):
         """
         now = time.time()
         with self._writing() as conn:
-            conn.execute("BEGIN IMMEDIATE")
+            begin_immediate(conn, self.busy_timeout, int(self.busy_timeout * 1000))
             try:
                 counts = []
                 for key, expiry, limit in (first, second):

@@ -1,0 +1,71 @@
+"""Taking SQLite's write lock with short cooperative retries instead of SQLite's busy handler."""
+from __future__ import annotations
+
+import sqlite3
+import threading
+import time
+
+import pytest
+
+from app.sqlite_busy import begin_immediate
+
+
+def _connect(path):
+    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute("PRAGMA busy_timeout=7000")
+    return conn
+
+
+@pytest.fixture()
+def pair(tmp_path):
+    path = str(tmp_path / "busy.db")
+    a, b = _connect(path), _connect(path)
+    a.execute("CREATE TABLE t (v INTEGER)")
+    yield a, b
+    a.close()
+    b.close()
+
+
+def test_waits_for_the_other_writer_then_takes_the_lock(pair):
+    a, b = pair
+    a.execute("BEGIN IMMEDIATE")
+    a.execute("INSERT INTO t VALUES (1)")
+    released = []
+
+    def release():
+        time.sleep(0.15)
+        released.append(time.monotonic())
+        a.execute("COMMIT")
+
+    threading.Thread(target=release).start()
+    begin_immediate(b, timeout=5, busy_timeout_ms=7000)
+    got = time.monotonic()
+    b.execute("INSERT INTO t VALUES (2)")
+    b.execute("COMMIT")
+    assert released and got >= released[0]
+    assert got - released[0] < 0.1                   # handed over within the backoff's longest step (+ noise)
+    assert [v for (v,) in b.execute("SELECT v FROM t ORDER BY v")] == [1, 2]
+    assert b.execute("PRAGMA busy_timeout").fetchone()[0] == 7000     # the usual timeout is back
+
+
+def test_gives_up_after_the_timeout(pair):
+    a, b = pair
+    a.execute("BEGIN IMMEDIATE")
+    started = time.monotonic()
+    with pytest.raises(sqlite3.OperationalError, match="locked"):
+        begin_immediate(b, timeout=0.3, busy_timeout_ms=7000)
+    assert 0.3 <= time.monotonic() - started < 2
+    assert not b.in_transaction
+    assert b.execute("PRAGMA busy_timeout").fetchone()[0] == 7000
+    a.execute("ROLLBACK")
+
+
+def test_other_errors_are_raised_at_once(pair):
+    _, b = pair
+    b.execute("BEGIN")
+    started = time.monotonic()
+    with pytest.raises(sqlite3.OperationalError, match="within a transaction"):
+        begin_immediate(b, timeout=5, busy_timeout_ms=7000)
+    assert time.monotonic() - started < 0.5
+    b.execute("ROLLBACK")
