@@ -364,6 +364,8 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, Settings]:
     parser.add_argument("--pin", action="store_true",
                         help="pin the load driver to CPU 0 and the servers to the other CPUs (taskset)")
     parser.add_argument("--out", type=Path, default=RESULTS, help="where latest.md / latest.json go")
+    parser.add_argument("--keep", action="store_true",
+                        help="keep the work folder (every server's log, the gateways' databases) and print its path")
     parser.add_argument("--baseline", metavar="REV",
                         help="also run the gateway at git commit REV (its shipped gunicorn.conf.py), as target "
                              f"{tg.BASELINE}: before/after in the same interleaved run")
@@ -439,7 +441,10 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         procs.close()
         tg.remove_baseline(procs)
-        shutil.rmtree(workdir, ignore_errors=True)
+        if args.keep:
+            log(f"work folder kept: {workdir}")
+        else:
+            shutil.rmtree(workdir, ignore_errors=True)
     meta["wall_s"] = time.monotonic() - t0
     bench.peak_rss()
     result = {"meta": meta, "targets": bench.status, "points": bench.points,
