@@ -35,6 +35,7 @@ from playhouse.db_url import connect as db_url_connect
 from playhouse.db_url import register_database
 from playhouse.pool import PooledSqliteDatabase
 
+from .checkpoint import CHECKPOINTS
 from .sqlite_busy import begin_immediate
 
 #: Version of the schema this code runs on; app/schema.py has the steps from each earlier version.
@@ -42,7 +43,10 @@ SCHEMA_VERSION = 2
 
 db = DatabaseProxy()
 
-SQLITE_PRAGMAS = {"journal_mode": "wal", "busy_timeout": 10000, "synchronous": "normal", "foreign_keys": 1}
+#: ``wal_autocheckpoint = 0``: checkpoints run in a background thread instead of inside some request's commit
+#: (app/checkpoint.py), started by the first transaction of each process.
+SQLITE_PRAGMAS = {"journal_mode": "wal", "busy_timeout": 10000, "synchronous": "normal", "foreign_keys": 1,
+                  "wal_autocheckpoint": 0}
 
 
 class _PooledSqliteDatabase(PooledSqliteDatabase):
@@ -129,6 +133,7 @@ def transaction() -> Iterator[None]:
     and SQLite is left to arbitrate only between processes.
     """
     if isinstance(db.obj, SqliteDatabase):
+        CHECKPOINTS.ensure(db.obj.database)
         with _SQLITE_WRITERS.get(), db.atomic():
             yield
     else:

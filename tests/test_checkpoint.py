@@ -1,0 +1,63 @@
+"""app.checkpoint: the ledger's WAL is checkpointed by a background thread, not inside requests' commits."""
+from __future__ import annotations
+
+import os
+import sqlite3
+import time
+
+from app.checkpoint import Checkpointer
+from app.models import SQLITE_PRAGMAS
+
+
+def _writer(path):
+    conn = sqlite3.connect(path, isolation_level=None)
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute("PRAGMA synchronous=NORMAL")
+    conn.execute(f"PRAGMA wal_autocheckpoint={SQLITE_PRAGMAS['wal_autocheckpoint']}")
+    conn.execute("CREATE TABLE IF NOT EXISTS t (v BLOB)")
+    return conn
+
+
+def _write(conn, n):
+    for _ in range(n):
+        conn.execute("BEGIN IMMEDIATE")
+        conn.execute("INSERT INTO t VALUES (randomblob(3000))")
+        conn.execute("COMMIT")
+
+
+def test_requests_commits_never_checkpoint_themselves(tmp_path):
+    path = str(tmp_path / "ledger.db")
+    conn = _writer(path)
+    _write(conn, 200)
+    first = os.path.getsize(path + "-wal")
+    _write(conn, 200)
+    assert os.path.getsize(path + "-wal") > 1.8 * first      # no checkpoint: the WAL only grows
+
+
+def test_the_background_thread_keeps_the_wal_from_growing(tmp_path):
+    path = str(tmp_path / "ledger.db")
+    conn = _writer(path)
+    Checkpointer(interval=0.05).ensure(path)
+    _write(conn, 200)
+    time.sleep(0.5)                   # several checkpoints; the next commit starts the WAL over
+    first = os.path.getsize(path + "-wal")
+    for _ in range(4):
+        _write(conn, 100)
+        time.sleep(0.3)
+    assert os.path.getsize(path + "-wal") < 1.5 * first, (first, os.path.getsize(path + "-wal"))
+    assert conn.execute("SELECT count(*) FROM t").fetchone()[0] == 600
+    # What was checkpointed is in the database file itself: a reader that ignores the WAL sees it (while the
+    # writer is still open: closing the last connection would checkpoint by itself).
+    check = sqlite3.connect(f"file:{path}?immutable=1", uri=True)
+    assert check.execute("SELECT count(*) FROM t").fetchone()[0] >= 500
+    check.close()
+    conn.close()
+
+
+def test_one_thread_per_process_and_file(tmp_path):
+    cp = Checkpointer(interval=0.05)
+    path = str(tmp_path / "x.db")
+    _writer(path).close()
+    cp.ensure(path)
+    cp.ensure(path)
+    assert list(cp._started) == [path] and cp._started[path] == os.getpid()
