@@ -30,22 +30,28 @@ INTERVAL = 0.25
 
 
 def _real_thread_tools():
-    """``(start_new_thread, sleep)`` of the OS, not gevent's greenlet stand-ins if gevent patched them."""
+    """``(start_new_thread, allocate_lock, sleep)`` of the OS, not gevent's stand-ins if gevent patched them."""
     try:
         from gevent import monkey
     except ImportError:
         import _thread
-        return _thread.start_new_thread, time.sleep
-    return monkey.get_original("_thread", "start_new_thread"), monkey.get_original("time", "sleep")
+        return _thread.start_new_thread, _thread.allocate_lock, time.sleep
+    return (monkey.get_original("_thread", "start_new_thread"), monkey.get_original("_thread", "allocate_lock"),
+            monkey.get_original("time", "sleep"))
 
 
 class Checkpointer:
-    """One background checkpoint thread per process and database file, started on first use."""
+    """One background checkpoint thread per process and database file, started on first use.
+
+    Fork-safe: a fork waits until no checkpoint is inside SQLite (a child forked while this thread held one of
+    SQLite's mutexes would hang at its first query), and the child starts threads of its own when it writes.
+    """
 
     def __init__(self, interval: float = INTERVAL) -> None:
         self.interval = interval
         self._started: dict[str, int] = {}        # path -> pid that started a thread for it
         self._lock = threading.Lock()
+        self._working = None                       # an OS lock, held while a thread is inside SQLite
 
     def ensure(self, path: str) -> None:
         """Make sure this process checkpoints ``path`` in the background (cheap when it already does)."""
@@ -54,7 +60,11 @@ class Checkpointer:
         with self._lock:
             if self._started.get(path) == os.getpid():
                 return
-            start_new_thread, sleep = _real_thread_tools()
+            start_new_thread, allocate_lock, sleep = _real_thread_tools()
+            if self._working is None:
+                self._working = allocate_lock()
+                os.register_at_fork(before=self._working.acquire, after_in_parent=self._working.release,
+                                    after_in_child=self._working.release)
             start_new_thread(self._run, (path, sleep))
             self._started[path] = os.getpid()
 
@@ -64,10 +74,11 @@ class Checkpointer:
         while True:
             sleep(self.interval)
             try:
-                if conn is None:
-                    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
-                    conn.execute("PRAGMA synchronous=NORMAL")
-                conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+                with self._working:
+                    if conn is None:
+                        conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+                        conn.execute("PRAGMA synchronous=NORMAL")
+                    conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
                 failures = 0
             except sqlite3.Error as err:
                 # Not through logging: its locks may be gevent's, which belong to the event loop's thread.

@@ -31,6 +31,7 @@ import json
 import logging
 import sys
 
+import orjson
 from flask import Flask
 from flask import g
 from flask import has_request_context
@@ -55,7 +56,11 @@ def credits_str(micro: int | None) -> str | None:
 
 
 def _dumps(obj: dict) -> str:
-    return json.dumps(obj, ensure_ascii=True, separators=(",", ":"), default=str)
+    """One compact JSON line (orjson: a few µs less per request than ``json``; non-ASCII stays UTF-8)."""
+    try:
+        return orjson.dumps(obj, default=str).decode()
+    except TypeError:                 # an integer beyond 64 bits in some logged value
+        return json.dumps(obj, ensure_ascii=False, separators=(",", ":"), default=str)
 
 
 class JsonFormatter(logging.Formatter):

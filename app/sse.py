@@ -38,15 +38,22 @@ class EventRelay:
         buf = self.buf + chunk if self.buf else chunk
         out: list[bytes] = []
         content = 0
-        start = 0
-        for m in _BOUNDARY.finditer(buf):
-            event = buf[start:m.end()]
-            start = m.end()
+        if b"\r" in buf:
+            events = []
+            start = 0
+            for m in _BOUNDARY.finditer(buf):
+                events.append(buf[start:m.end()])
+                start = m.end()
+            rest = buf[start:]
+        else:                                   # the usual framing: split on blank lines without a regex
+            *events, rest = buf.split(b"\n\n")
+            events = [e + b"\n\n" for e in events]
+        for event in events:
             keep, is_content = self._observe(event)
             if keep:
                 out.append(event)
                 content += is_content
-        self.buf = buf[start:]
+        self.buf = rest
         if len(self.buf) > MAX_EVENT:
             out.append(self.buf)
             self.buf = b""
@@ -67,7 +74,7 @@ class EventRelay:
         if data == b"[DONE]":
             self.done = True
             return True, False
-        if _USAGE_OBJECT.search(data):          # not '"usage": null', which rides on every chunk
+        if b'"usage"' in data and _USAGE_OBJECT.search(data):   # not '"usage": null', which rides on every chunk
             try:
                 obj = loads(data)
             except ValueError:
@@ -76,7 +83,8 @@ class EventRelay:
                 self.usage = obj["usage"]
                 if self.strip_usage_chunk and obj.get("choices") == []:
                     return False, False
-        return True, bool(_CONTENT.search(data)) and not _EMPTY_CHOICES.search(data)
+        return True, (b'content"' in data and bool(_CONTENT.search(data))
+                      and not (b"[" in data and _EMPTY_CHOICES.search(data)))
 
 
 def _data(event: bytes) -> bytes | None:

@@ -206,3 +206,21 @@ def test_secrets_never_reach_the_log(gateway, key):
     post(gateway, "sk-wrong-" + "z" * 40, {"model": "free-model", "messages": MSG})
     log = gateway.log()
     assert key not in log and PROVIDER_KEY not in log and "z" * 40 not in log
+
+
+def test_the_gthread_worker_still_serves_everything(gateway_factory, mock):
+    """gevent ships as the default; the thread-per-request worker stays a supported choice."""
+    gw = gateway_factory(env={"BOUNDLESS_WORKER_CLASS": "gthread", "BOUNDLESS_THREADS": "8"})
+    assert "Using worker: gthread" in gw.log()
+    key = gw.create_key(credit="1")
+    client = gw.client(key)
+    out = client.chat.completions.create(model="paid-model", messages=MSG, max_tokens=20)
+    assert out.choices[0].message.content == "tok0 tok1 tok2 tok3 tok4"
+    stream = client.chat.completions.create(model="paid-model", messages=MSG, max_tokens=20, stream=True)
+    assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices) == "tok0 tok1 tok2 tok3 tok4"
+    info = requests.get(gw.base_url + "/key", headers={"Authorization": f"Bearer {key}"}, timeout=5).json()
+    assert 0 < info["data"]["spent"] and info["data"]["balance"] + info["data"]["spent"] == 1
+
+
+def test_the_shipped_worker_is_gevent(gateway):
+    assert "Using worker: gevent" in gateway.log()

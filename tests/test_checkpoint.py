@@ -61,3 +61,27 @@ def test_one_thread_per_process_and_file(tmp_path):
     cp.ensure(path)
     cp.ensure(path)
     assert list(cp._started) == [path] and cp._started[path] == os.getpid()
+
+
+def test_forking_while_the_thread_checkpoints_is_safe(tmp_path):
+    """A fork never lands while the thread is inside SQLite (the child would hang on SQLite's mutex)."""
+    import multiprocessing
+
+    path = str(tmp_path / "forked.db")
+    conn = _writer(path)
+    Checkpointer(interval=0.0005).ensure(path)
+    ctx = multiprocessing.get_context("fork")
+    for _ in range(40):
+        _write(conn, 3)
+        child = ctx.Process(target=_child_query, args=(path,))
+        child.start()
+        child.join(20)
+        assert child.exitcode == 0
+    conn.close()
+
+
+def _child_query(path):
+    c = sqlite3.connect(path)
+    c.execute("SELECT count(*) FROM t").fetchone()
+    c.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+    c.close()
