@@ -3,7 +3,7 @@
 No auth, no limits, no billing, no JSON parsing: ``POST /v1/chat/completions`` forwards the body as is to
 ``$BENCH_UPSTREAM/chat/completions`` over a pooled ``requests.Session`` and relays the answer; an
 ``text/event-stream`` answer is streamed back chunk by chunk with ``resp.raw.read1`` (as the gateway does),
-anything else is read whole. ``GET /v1/models`` is relayed the same way. Serve it like the gateway::
+anything else is read whole; upstream connections are kept alive (as the gateway's). ``GET /v1/models`` is relayed the same way. Serve it like the gateway::
 
     BENCH_UPSTREAM=http://127.0.0.1:9100/v1 gunicorn -c bench/gunicorn_bare.conf.py --no-control-socket \\
         -b 127.0.0.1:8001 bench.bare_passthrough:app
@@ -42,16 +42,20 @@ def _relay(resp: requests.Response) -> Response:
     content_type = resp.headers.get("Content-Type", "application/json")
     if content_type.startswith("text/event-stream"):
         def chunks() -> Iterator[bytes]:
+            complete = False
             try:
                 while data := resp.raw.read1(65536):
                     yield data
+                complete = True
             finally:
-                resp.close()
+                if complete:                  # read to the end: the connection goes back to the pool
+                    resp.raw.release_conn()
+                else:
+                    resp.close()
         return Response(chunks(), status=resp.status_code, content_type=content_type)
-    try:
-        return Response(resp.raw.read(), status=resp.status_code, content_type=content_type)
-    finally:
-        resp.close()
+    body = resp.content                       # consumed, so close() keeps the connection for the next request
+    resp.close()
+    return Response(body, status=resp.status_code, content_type=content_type)
 
 
 @app.post("/v1/chat/completions")
