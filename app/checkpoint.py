@@ -14,8 +14,17 @@ So the ledger's connections are opened with ``wal_autocheckpoint=0`` (app/models
 writes the ledger runs one :class:`Checkpointer`: a real OS thread (also under gevent, whose patched threads
 are greenlets sharing the event loop) that runs ``PRAGMA wal_checkpoint(PASSIVE)`` on its own connection every
 :data:`INTERVAL` seconds. PASSIVE never waits for readers or writers, and sqlite3 releases the GIL while it
-works, so requests go on meanwhile. A process whose writes never start one (a CLI command) leaves the WAL to
-the server's checkpointer, or to SQLite itself when the last connection closes.
+works, so requests go on meanwhile.
+
+PASSIVE alone is not enough under sustained load: the WAL starts over from its beginning only when a writer
+finds every frame copied, and writers that never pause always leave a few new ones, so the file (and the cost
+of every read that looks pages up in it) grows without end. When a checkpoint leaves more than
+:data:`RESTART_FRAMES` frames in the WAL, the thread therefore also runs a RESTART checkpoint: it takes the
+write lock (writers wait for it cooperatively, app/sqlite_busy.py) for the little that PASSIVE left, and the
+next transaction starts the WAL over.
+
+A process whose writes never start a checkpointer (a CLI command) leaves the WAL to the server's, or to
+SQLite itself when the last connection closes.
 """
 from __future__ import annotations
 
@@ -25,8 +34,10 @@ import sys
 import threading
 import time
 
-#: Seconds between checkpoints: the WAL holds at most about this long's worth of commits.
+#: Seconds between checkpoints.
 INTERVAL = 0.25
+#: WAL frames (pages) above which a checkpoint also restarts the WAL (SQLite's own autocheckpoint size).
+RESTART_FRAMES = 1000
 
 
 def _real_thread_tools():
@@ -47,8 +58,9 @@ class Checkpointer:
     SQLite's mutexes would hang at its first query), and the child starts threads of its own when it writes.
     """
 
-    def __init__(self, interval: float = INTERVAL) -> None:
+    def __init__(self, interval: float = INTERVAL, restart_frames: int = RESTART_FRAMES) -> None:
         self.interval = interval
+        self.restart_frames = restart_frames
         self._started: dict[str, int] = {}        # path -> pid that started a thread for it
         self._lock = threading.Lock()
         self._working = None                       # an OS lock, held while a thread is inside SQLite
@@ -78,7 +90,10 @@ class Checkpointer:
                     if conn is None:
                         conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
                         conn.execute("PRAGMA synchronous=NORMAL")
-                    conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+                        conn.execute("PRAGMA busy_timeout=1")         # see _restart
+                    _, frames, _ = conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+                    if frames > self.restart_frames:
+                        self._restart(conn, sleep)
                 failures = 0
             except sqlite3.Error as err:
                 # Not through logging: its locks may be gevent's, which belong to the event loop's thread.
@@ -88,6 +103,19 @@ class Checkpointer:
                 if conn is not None:
                     conn.close()
                     conn = None
+
+
+    @staticmethod
+    def _restart(conn: sqlite3.Connection, sleep, tries: int = 200) -> bool:
+        """A RESTART checkpoint, tried again every ~0.5 ms while a writer holds the lock (up to ~0.3 s): between
+        two requests' transactions the lock is free for a moment, and a long wait in SQLite's busy handler
+        (1, 2, 5 ... ms) would keep missing it. True when the WAL will start over."""
+        for _ in range(tries):
+            busy, _, _ = conn.execute("PRAGMA wal_checkpoint(RESTART)").fetchone()
+            if not busy:
+                return True
+            sleep(0.0005)
+        return False
 
 
 CHECKPOINTS = Checkpointer()

@@ -14,6 +14,7 @@ import datetime
 import os
 import threading
 from contextlib import contextmanager
+from functools import cached_property
 from typing import Iterator
 
 from flask import Flask
@@ -57,9 +58,13 @@ class _PooledSqliteDatabase(PooledSqliteDatabase):
         lock_type = lock_type or self._lock_type
         if (lock_type or "").upper() != "IMMEDIATE":
             return super().begin(lock_type)
-        busy_ms = int(dict(self._pragmas).get("busy_timeout", 10_000))
+        busy_ms = self._busy_ms
         with __exception_wrapper__:
             begin_immediate(self.connection(), busy_ms / 1000, busy_ms)
+
+    @cached_property
+    def _busy_ms(self) -> int:
+        return int(dict(self._pragmas).get("busy_timeout", 10_000))
 
 
 register_database(_PooledSqliteDatabase, "sqlite+pool")

@@ -120,8 +120,11 @@ def read_body(resp: Response, provider: str) -> bytes:
 
 def iter_raw(resp: Response, provider: str) -> Iterator[bytes]:
     """Yield the body's bytes as they arrive (decoded if the provider compressed anyway)."""
+    # Without a Content-Encoding (we ask for identity), skip urllib3's decoder and its buffer: per read that
+    # is most of urllib3's cost, and a stream makes one read per event.
+    decode = resp.headers.get("Content-Encoding", "identity").strip().lower() not in ("", "identity")
     try:
-        while data := resp.read1(_READ_SIZE, decode_content=True):
+        while data := resp.read1(_READ_SIZE, decode_content=decode):
             yield data
     except urllib3.exceptions.ReadTimeoutError as err:
         raise UpstreamTimeout(f"The provider {provider!r} went silent for too long.") from err

@@ -25,6 +25,8 @@ Per-request knobs go in the chat body as ``"mock": {...}`` (all optional):
 * ``content``: text to answer; streamed as ``chunks`` equal pieces if ``chunks`` is given,
   else one piece per word (spaces kept). Default ``"tok0 tok1 ... tok{chunks-1}"``.
 * ``split_utf8``: write each stream event in two TCP writes, cutting a multi-byte character.
+* ``gzip``: compress the answer (``Content-Encoding: gzip``) whatever the client accepts; a stream's events
+  are each flushed, so they stay decodable one by one.
 * ``usage`` (object) replaces the computed usage; ``no_usage`` never sends usage.
 * ``set_cookie``: add ``Set-Cookie: mock_session=abc; Path=/``.
 * ``echo_headers``: non-stream answer gets the request headers under ``"echo_headers"``.
@@ -38,6 +40,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import functools
+import gzip
 import http
 import json
 import re
@@ -47,6 +50,7 @@ import sys
 import threading
 import time
 import urllib.request
+import zlib
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -405,6 +409,8 @@ class MockServer:
         if knobs.get("echo_headers"):
             payload["echo_headers"] = req.headers
         data = _dumps(payload).encode()
+        if knobs.get("gzip"):                   # compressed although the client asked for identity
+            data, extra = gzip.compress(data), [*extra, ("Content-Encoding", "gzip")]
         if _opt_int(knobs, "cut_after") is None:
             return await self.finish(conn, req, plain_response(200, data, "application/json", req.keep_alive, extra))
         if await conn.send(plain_response(200, data[:len(data) // 2], "application/json", True, extra, len(data))):
@@ -428,11 +434,19 @@ class MockServer:
                   % (_dumps(f"chatcmpl-mock-{record['id']}"), int(time.time()), _dumps(body.get("model"))))
         suffix = ',"usage":null}\n\n' if include_usage else "}\n\n"
 
+        gz = zlib.compressobj(wbits=31) if knobs.get("gzip") else None
+
+        def encode(data: bytes) -> bytes:       # gzip: each event flushed so that it can be decoded at once
+            return gz.compress(data) + gz.flush(zlib.Z_SYNC_FLUSH) if gz else data
+
         def event(delta: str, finish: str = "null") -> bytes:
-            return frame(f'{prefix}[{{"index":0,"delta":{delta},"finish_reason":{finish}}}]{suffix}'.encode())
+            return frame(encode(
+                f'{prefix}[{{"index":0,"delta":{delta},"finish_reason":{finish}}}]{suffix}'.encode()))
 
         headers = [("Content-Type", "text/event-stream"), ("Cache-Control", "no-cache"),
                    ("Connection", "close") if close_delimited else ("Transfer-Encoding", "chunked"), *extra]
+        if gz:
+            headers.append(("Content-Encoding", "gzip"))
         if not await conn.pause(ttfb):
             return False
         if not await conn.send(response_head(200, headers) + event('{"role":"assistant","content":""}')):
@@ -451,8 +465,11 @@ class MockServer:
             record["chunks_sent"] += 1
         tail = event("{}", '"stop"')
         if include_usage and usage is not None:
-            tail += frame(f'{prefix}[],"usage":{_dumps(usage)}}}\n\n'.encode())
-        tail += frame(b"data: [DONE]\n\n") + (b"" if close_delimited else b"0\r\n\r\n")
+            tail += frame(encode(f'{prefix}[],"usage":{_dumps(usage)}}}\n\n'.encode()))
+        tail += frame(encode(b"data: [DONE]\n\n"))
+        if gz:
+            tail += frame(gz.flush())
+        tail += b"" if close_delimited else b"0\r\n\r\n"
         return await self.finish(conn, req, tail) and not close_delimited
 
     @staticmethod

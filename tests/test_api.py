@@ -224,3 +224,16 @@ def test_the_gthread_worker_still_serves_everything(gateway_factory, mock):
 
 def test_the_shipped_worker_is_gevent(gateway):
     assert "Using worker: gevent" in gateway.log()
+
+
+def test_a_provider_that_compresses_anyway_is_decoded(gateway, key):
+    """We ask for identity; a provider that gzips all the same still reaches the caller as plain JSON / SSE."""
+    resp = post(gateway, key, {"model": "free-model", "messages": MSG, "mock": {"gzip": True}})
+    assert resp.status_code == 200 and "Content-Encoding" not in resp.headers
+    assert resp.json()["choices"][0]["message"]["content"] == "tok0 tok1 tok2 tok3 tok4"
+    stream = gateway.client(key).chat.completions.create(
+        model="free-model", messages=MSG, stream=True, stream_options={"include_usage": True},
+        extra_body={"mock": {"gzip": True, "chunks": 3, "gap": 0.05}})
+    chunks = list(stream)
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == "tok0 tok1 tok2"
+    assert chunks[-1].usage.completion_tokens == 3

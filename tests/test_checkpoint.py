@@ -85,3 +85,22 @@ def _child_query(path):
     c.execute("SELECT count(*) FROM t").fetchone()
     c.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
     c.close()
+
+
+def test_writers_that_never_pause_do_not_grow_the_wal_forever(tmp_path):
+    """PASSIVE checkpoints alone never let the WAL start over while commits keep coming; RESTART does."""
+    path = str(tmp_path / "busy.db")
+    conn = _writer(path)
+    Checkpointer(interval=0.02, restart_frames=200).ensure(path)
+    deadline = time.monotonic() + 2.0
+    written = 0
+    while time.monotonic() < deadline:
+        _write(conn, 1)
+        written += 1
+        time.sleep(0.0002)            # a request's own I/O between its transactions
+    wal = os.path.getsize(path + "-wal")
+    # Each commit appends at least one 4 KiB page for its 3,000-byte row: a WAL that never started over
+    # would hold them all.
+    assert written > 500
+    assert wal < 0.5 * written * 4096, (wal, written)
+    conn.close()
