@@ -61,24 +61,29 @@ class Checkpointer:
     def __init__(self, interval: float = INTERVAL, restart_frames: int = RESTART_FRAMES) -> None:
         self.interval = interval
         self.restart_frames = restart_frames
-        self._started: dict[str, int] = {}        # path -> pid that started a thread for it
+        self._started: set[str] = set()           # paths this process checkpoints (emptied in a forked child)
         self._lock = threading.Lock()
         self._working = None                       # an OS lock, held while a thread is inside SQLite
 
     def ensure(self, path: str) -> None:
         """Make sure this process checkpoints ``path`` in the background (cheap when it already does)."""
-        if self._started.get(path) == os.getpid():
+        if path in self._started:                 # no getpid() per transaction: a fork empties the set
             return
         with self._lock:
-            if self._started.get(path) == os.getpid():
+            if path in self._started:
                 return
             start_new_thread, allocate_lock, sleep = _real_thread_tools()
             if self._working is None:
                 self._working = allocate_lock()
                 os.register_at_fork(before=self._working.acquire, after_in_parent=self._working.release,
-                                    after_in_child=self._working.release)
+                                    after_in_child=self._forked)
             start_new_thread(self._run, (path, sleep))
-            self._started[path] = os.getpid()
+            self._started.add(path)
+
+    def _forked(self) -> None:
+        """In a new child: no thread of the parent's runs here; the child starts its own when it writes."""
+        self._started.clear()
+        self._working.release()
 
     def _run(self, path: str, sleep) -> None:
         conn = None
@@ -103,7 +108,6 @@ class Checkpointer:
                 if conn is not None:
                     conn.close()
                     conn = None
-
 
     @staticmethod
     def _restart(conn: sqlite3.Connection, sleep, tries: int = 200) -> bool:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import threading
 from typing import Iterator
 
@@ -146,6 +147,6 @@ def shutdown(resp: Response) -> None:
     sock = getattr(conn, "sock", None)
     if sock is not None:
         try:
-            sock.shutdown(2)          # socket.SHUT_RDWR
+            sock.shutdown(socket.SHUT_RDWR)
         except OSError:               # already closed
             pass

@@ -117,6 +117,14 @@ class HttpConnection(asyncio.Protocol):
             self.transport.close()
 
     # -- parsing
+    def _take(self, buf: bytearray) -> bool:
+        """Hand up to ``remaining`` bytes of ``buf`` to the body; True once all of them have arrived."""
+        n = min(len(buf), self.remaining)
+        self._body(buf[:n])
+        del buf[:n]
+        self.remaining -= n
+        return not self.remaining
+
     def _body(self, data: bytes | bytearray) -> None:
         if not data:
             return
@@ -138,13 +146,8 @@ class HttpConnection(asyncio.Protocol):
                 self._head(bytes(buf[:end]))
                 del buf[:end + 4]
             elif state == _BODY:
-                n = min(len(buf), self.remaining)
-                self._body(buf[:n])
-                del buf[:n]
-                self.remaining -= n
-                if self.remaining:
-                    return
-                self._complete()
+                if self._take(buf):
+                    self._complete()
                 return
             elif state == _UNTIL_CLOSE:
                 self._body(buf)
@@ -158,11 +161,7 @@ class HttpConnection(asyncio.Protocol):
                 del buf[:end + 2]
                 self.state, self.remaining = (_TRAILER, 0) if size == 0 else (_CHUNK_DATA, size)
             elif state == _CHUNK_DATA:
-                n = min(len(buf), self.remaining)
-                self._body(buf[:n])
-                del buf[:n]
-                self.remaining -= n
-                if self.remaining:
+                if not self._take(buf):
                     return
                 self.state = _CHUNK_CRLF
             elif state == _CHUNK_CRLF:
