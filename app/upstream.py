@@ -29,6 +29,7 @@ from urllib3.exceptions import HTTPError
 from urllib3.exceptions import TimeoutError as Urllib3Timeout
 from urllib3.util.retry import Retry
 
+from . import onewrite
 from .catalog import Model
 from .errors import UpstreamError
 from .errors import UpstreamTimeout
@@ -54,6 +55,14 @@ def _ca_certs() -> str | None:
     return certifi.where()
 
 
+class _Pool(urllib3.HTTPConnectionPool):
+    ConnectionCls = onewrite.HTTPConnection       # head and body in one write
+
+
+class _TLSPool(urllib3.HTTPSConnectionPool):
+    ConnectionCls = onewrite.HTTPSConnection
+
+
 class UpstreamClient:
     """Opens requests to providers; safe to share between the threads (or greenlets) of one process."""
 
@@ -73,6 +82,7 @@ class UpstreamClient:
                 if self._pid != os.getpid():
                     self._manager = urllib3.PoolManager(num_pools=64, maxsize=self.pool_size, block=False,
                                                         ca_certs=_ca_certs())
+                    self._manager.pool_classes_by_scheme = {"http": _Pool, "https": _TLSPool}
                     self._pools, self._pid = {}, os.getpid()
         found = self._pools.get(url)
         if found is None:

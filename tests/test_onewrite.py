@@ -1,0 +1,146 @@
+"""app.onewrite: each HTTP message of both hops leaves in one write (head with the first body bytes).
+
+The upstream side is checked at the socket: a recorder around the real socket of a real connection to a real
+HTTP server counts the writes. The caller side is checked over TCP against the gateway under gunicorn: a
+message written in one send() arrives whole in the client's first recv() on loopback; a head written on its
+own arrives alone (the client is already blocked in recv() when it lands).
+"""
+from __future__ import annotations
+
+import http.server
+import io
+import json
+import socket
+import threading
+
+import pytest
+
+from app import onewrite
+
+
+class _Echo(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+
+    def _answer(self) -> None:
+        body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        out = json.dumps({"method": self.command, "got": body.decode()}).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(out)))
+        self.end_headers()
+        self.wfile.write(out)
+
+    do_GET = do_POST = _answer
+
+    def log_message(self, *args) -> None:
+        pass
+
+
+@pytest.fixture(scope="module")
+def echo():
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Echo)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield server.server_address[1]
+    server.shutdown()
+
+
+class _Recorder:
+    """The connection's socket, with every write recorded."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self._sock, self.writes = sock, []
+
+    def sendall(self, data, *args) -> None:
+        self.writes.append(bytes(data))
+        self._sock.sendall(data, *args)
+
+    def __getattr__(self, name):
+        return getattr(self._sock, name)
+
+
+def _connection(port: int) -> tuple[onewrite.HTTPConnection, _Recorder]:
+    conn = onewrite.HTTPConnection("127.0.0.1", port)
+    conn.connect()
+    conn.sock = rec = _Recorder(conn.sock)
+    return conn, rec
+
+
+def test_a_request_with_a_body_is_one_write(echo):
+    conn, rec = _connection(echo)
+    for n in range(3):                          # and again on the kept-alive connection
+        body = json.dumps({"n": n, "messages": [{"role": "user", "content": "hi"}]}).encode()
+        rec.writes.clear()
+        conn.request("POST", "/v1/chat/completions", body=body, headers={"Content-Type": "application/json"})
+        assert len(rec.writes) == 1, rec.writes
+        assert rec.writes[0].startswith(b"POST /v1/chat/completions HTTP/1.1\r\n")
+        assert rec.writes[0].endswith(b"\r\n\r\n" + body)
+        resp = conn.getresponse()
+        assert resp.status == 200 and json.loads(resp.data) == {"method": "POST", "got": body.decode()}
+    conn.close()
+
+
+def test_a_request_without_a_body_sends_its_head_alone(echo):
+    conn, rec = _connection(echo)
+    conn.request("GET", "/models")
+    resp = conn.getresponse()                   # the held head went out here
+    assert resp.status == 200 and json.loads(resp.data) == {"method": "GET", "got": ""}
+    assert len(rec.writes) == 1 and rec.writes[0].startswith(b"GET /models HTTP/1.1\r\n")
+    conn.close()
+
+
+def test_a_large_file_body_goes_out_block_by_block_after_its_head(echo):
+    conn, rec = _connection(echo)
+    payload = b"x" * 100_000
+    conn.request("POST", "/upload", body=io.BytesIO(payload), headers={"Content-Length": str(len(payload))})
+    resp = conn.getresponse()
+    assert json.loads(resp.data) == {"method": "POST", "got": payload.decode()}
+    head, _, first_block = rec.writes[0].partition(b"\r\n\r\n")
+    assert head.startswith(b"POST /upload HTTP/1.1\r\n") and 0 < len(first_block) < len(payload)
+    assert len(rec.writes) > 2 and first_block + b"".join(rec.writes[1:]) == payload
+    conn.close()
+
+
+# --------------------------------------------------------------------------- the caller's side, over TCP
+
+
+def _first_read(port: int, request: bytes) -> bytes:
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        s.sendall(request)
+        return s.recv(1 << 20)
+
+
+def _chat(key: str, stream: bool) -> bytes:
+    body = json.dumps({"model": "free-model", "stream": stream,
+                       "messages": [{"role": "user", "content": "hello"}]}).encode()
+    return (b"POST /api/v1/chat/completions HTTP/1.1\r\nHost: gw\r\nConnection: close\r\n"
+            b"Authorization: Bearer " + key.encode() + b"\r\nContent-Type: application/json\r\n"
+            b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+
+
+def test_a_json_answer_arrives_in_one_piece(gateway, key):
+    for _ in range(5):
+        first = _first_read(gateway.port, _chat(key, stream=False))
+        head, _, body = first.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 200"), first[:200]
+        length = int(next(line.split(b":")[1] for line in head.split(b"\r\n")
+                          if line.lower().startswith(b"content-length:")))
+        assert len(body) == length and json.loads(body)["object"] == "chat.completion"
+
+
+def test_a_stream_head_arrives_with_its_first_event(gateway, key):
+    """The mock waits before its first event; the head waits for it instead of going out alone."""
+    for _ in range(3):
+        first = _first_read(gateway.port, _chat(key, stream=True))
+        head, _, body = first.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 200") and b"text/event-stream" in head, first[:300]
+        assert b"data: {" in body, first
+
+
+def test_a_head_request_and_an_empty_answer_still_get_their_head(gateway):
+    with socket.create_connection(("127.0.0.1", gateway.port), timeout=10) as s:
+        s.sendall(b"HEAD /healthz HTTP/1.1\r\nHost: gw\r\n\r\nGET /healthz HTTP/1.1\r\nHost: gw\r\n"
+                  b"Connection: close\r\n\r\n")
+        data = b""
+        while chunk := s.recv(65536):
+            data += chunk
+    assert data.count(b"HTTP/1.1 200") == 2, data
