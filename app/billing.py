@@ -22,6 +22,7 @@ import logging
 import math
 import os
 import re
+import time
 import uuid
 from collections import deque
 from dataclasses import dataclass
@@ -39,7 +40,7 @@ from .ledger_sql import statements
 from .models import ApiKey
 from .models import Usage
 from .models import db
-from .models import transaction
+from .models import write_transaction
 from .models import utcnow
 
 log = logging.getLogger("boundless")
@@ -52,7 +53,9 @@ _IMAGE_PART = re.compile(rb'"image_url"\s*:')
 
 
 def new_request_id() -> str:
-    return "req_" + uuid.uuid4().hex
+    """``req_`` + the time in ms (12 hex digits) + 80 random bits: unique, and in time order, so the ledger's
+    unique index on it grows at its end instead of dirtying a random page of a large index per request."""
+    return f"req_{time.time_ns() // 1_000_000:012x}{os.urandom(10).hex()}"
 
 
 def prompt_upper_bound(raw_body: bytes) -> int:
@@ -118,12 +121,12 @@ def reserve(key_id: int, model: Model, body: dict, raw_body: bytes, stream: bool
         worst = cost(prompt, completion, model.input_price, model.output_price)
     sql = statements(db)
     try:
-        with transaction():
+        with write_transaction() as execute:
             taken = 1
             if worst:
-                taken = db.execute_sql(sql.take, (worst, key_id, worst)).rowcount
+                taken = execute(sql.take, (worst, key_id, worst)).rowcount
             if taken == 1:      # the row exists from now on, so even a crashed worker leaves a trace
-                db.execute_sql(sql.hold, (request_id, key_id, model.id, utcnow(), "held", stream, worst, 0, 0, 0,
+                execute(sql.hold, (request_id, key_id, model.id, utcnow(), "held", stream, worst, 0, 0, 0,
                                           False, "", OWNER.get()))
         if taken != 1:
             balance = ApiKey.select(ApiKey.balance).where(ApiKey.id == key_id).scalar() or 0
@@ -186,21 +189,25 @@ def settle(lease: Lease, result: Outcome) -> int:
         return 0
     charge, pt, ct, estimated = charge_for(lease, result)
     touches_key = bool(lease.reserved or charge)      # a free request leaves the key's row alone
-    with db.connection_context(), transaction():
-        sql = statements(db)
-        if touches_key:
-            _lock_key(lease.key_id)
-        claimed = db.execute_sql(sql.settle_row, (
+    sql = statements(db)
+    with write_transaction(own_connection=True) as execute:
+        if touches_key and sql.lock_key:
+            execute(sql.lock_key, (lease.key_id,)).fetchall()     # see _lock_key
+        claimed = execute(sql.settle_row, (
             "settled", min(charge, lease.reserved), pt, ct, estimated, result.status, result.outcome[:24],
             result.latency_ms, result.ttfb_ms, lease.request_id, "held")).rowcount
         if claimed != 1:
             lease.settled = True
             return 0
         if charge > lease.reserved:      # rare: the usage beat the worst-case estimate
-            charge = lease.reserved + _take_extra(lease.key_id, charge - lease.reserved)
-            Usage.update(charge=charge).where(Usage.request_id == lease.request_id).execute()
+            available = execute(sql.balance, (lease.key_id,)).fetchone()
+            extra = min(charge - lease.reserved, available[0] if available else 0)
+            if extra:
+                execute(sql.take_up_to, (extra, lease.key_id))
+            charge = lease.reserved + extra
+            execute(sql.set_charge, (charge, lease.request_id))
         if touches_key:
-            db.execute_sql(sql.give_back, (lease.reserved - min(charge, lease.reserved), charge, lease.key_id))
+            execute(sql.give_back, (lease.reserved - min(charge, lease.reserved), charge, lease.key_id))
     lease.settled = True                 # only once committed: a failed attempt can be made again
     result.settled = (charge, pt, ct, estimated)
     return charge
@@ -247,18 +254,6 @@ def _lock_key(key_id: int) -> None:
         db.execute_sql(sql, (key_id,)).fetchall()
 
 
-def _take_extra(key_id: int, extra: int) -> int:
-    """Take up to ``extra`` more from the balance (inside the settling transaction); return what was taken."""
-    query = ApiKey.select(ApiKey.balance).where(ApiKey.id == key_id)
-    if db.for_update:
-        query = query.for_update()
-    available = query.scalar() or 0
-    take = min(extra, available)
-    if take:
-        ApiKey.update(balance=ApiKey.balance - take).where(ApiKey.id == key_id).execute()
-    return take
-
-
 class _Owner:
     """``<instance>:<pid>`` of this worker, stamped on held rows so that a dead worker's rows can be found.
 
@@ -267,12 +262,16 @@ class _Owner:
     """
 
     def __init__(self) -> None:
-        self._pid, self._value = 0, ""
+        self._value = ""
+        os.register_at_fork(after_in_child=self._forget)
+
+    def _forget(self) -> None:
+        self._value = ""
 
     def get(self) -> str:
-        if self._pid != os.getpid():
+        if not self._value:
             instance = os.environ.get("BOUNDLESS_INSTANCE_ID") or f"p{uuid.uuid4().hex[:12]}"
-            self._pid, self._value = os.getpid(), f"{instance[:40]}:{os.getpid()}"
+            self._value = f"{instance[:40]}:{os.getpid()}"
         return self._value
 
 

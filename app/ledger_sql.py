@@ -2,7 +2,8 @@
 app.ledger_sql
 ~~~~~~~~~~~~~~
 
-The four statements every paid request runs (reserve, hold, settle the row, settle the key), as plain SQL.
+The statements every paid request runs (reserve, hold, settle the row, settle the key, and the rare extra
+charge), as plain SQL.
 
 peewee builds a query's SQL anew on every ``execute()``; on this path that cost more CPU than the database
 work itself (about a third of the gateway's time per request, profiled). These statements never change, so
@@ -41,6 +42,10 @@ class Statements:
                           f"{q('spent')} = {q('spent')} + {p} WHERE {q('id')} = {p}")
         self.lock_key = (f"SELECT {q('id')} FROM {key} WHERE {q('id')} = {p} FOR UPDATE"
                          if database.for_update else None)
+        self.balance = (f"SELECT {q('balance')} FROM {key} WHERE {q('id')} = {p}"
+                        + (" FOR UPDATE" if database.for_update else ""))
+        self.take_up_to = f"UPDATE {key} SET {q('balance')} = {q('balance')} - {p} WHERE {q('id')} = {p}"
+        self.set_charge = f"UPDATE {usage} SET {q('charge')} = {p} WHERE {q('request_id')} = {p}"
 
 
 def statements(database: Database) -> Statements:

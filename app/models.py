@@ -114,36 +114,79 @@ def _cooperative_psycopg2() -> None:
         psycopg2.extensions.set_wait_callback(psycopg2.extras.wait_select)
 
 
-class _ProcessLock:
-    """A lock per process (re-made after a fork) for the writers of an SQLite database."""
-
-    def __init__(self) -> None:
-        self._pid, self._lock = 0, None
-
-    def get(self) -> threading.RLock:
-        if self._pid != os.getpid():
-            self._pid, self._lock = os.getpid(), threading.RLock()
-        return self._lock
-
-
-_SQLITE_WRITERS = _ProcessLock()
-
-
-@contextmanager
-def transaction() -> Iterator[None]:
-    """``db.atomic()``; on SQLite, this process's writers first queue on a Python lock.
+class _SqliteWriter:
+    """This process's connection for the request path's write transactions on the SQLite ledger, and the
+    Python lock its writers queue on.
 
     SQLite's busy handler sleeps 1, 2, 5, 10 ... ms between tries, far longer than our transactions hold the
     lock, so threads contending inside SQLite add milliseconds each. Queued in Python, they hand over at once,
-    and SQLite is left to arbitrate only between processes.
+    and SQLite is left to arbitrate only between processes (app/sqlite_busy.py). Since they queue anyway, they
+    share one plain sqlite3 connection: no pool check-out, no per-greenlet connection state, statements stay
+    prepared, and its page cache stays valid for as long as no other process wrote. Both are made anew in a
+    forked child (never use a parent's SQLite connection or lock).
     """
-    if isinstance(db.obj, SqliteDatabase):
-        CHECKPOINTS.ensure(db.obj.database)
-        with _SQLITE_WRITERS.get(), db.atomic():
-            yield
+
+    def __init__(self) -> None:
+        self._lock: threading.RLock | None = None
+        self._conn = None
+        self._path = None
+        os.register_at_fork(after_in_child=self._forget)
+
+    def _forget(self) -> None:
+        self._lock = self._conn = self._path = None
+
+    @property
+    def lock(self) -> threading.RLock:
+        if self._lock is None:                 # made lazily: after gevent has patched threading
+            self._lock = threading.RLock()
+        return self._lock
+
+    def connection(self, database: SqliteDatabase):
+        """The connection to ``database`` (call with :attr:`lock` held)."""
+        if self._conn is None or self._path != database.database:
+            import sqlite3
+            if self._conn is not None:
+                self._conn.close()
+                self._conn = self._path = None
+            conn = sqlite3.connect(database.database, isolation_level=None, check_same_thread=False)
+            for name, value in database._pragmas:
+                conn.execute(f"PRAGMA {name}={value}")
+            self._conn, self._path = conn, database.database
+        return self._conn
+
+
+_SQLITE_WRITER = _SqliteWriter()
+
+
+@contextmanager
+def write_transaction(own_connection: bool = False) -> Iterator:
+    """One short write transaction of the request path; yields ``execute(sql, params) -> cursor``.
+
+    SQLite: on this process's writer connection (see :class:`_SqliteWriter`), ``BEGIN IMMEDIATE`` taken
+    cooperatively. PostgreSQL and MySQL: ``db.atomic()`` on the pooled connection, checked out for this
+    transaction alone with ``own_connection`` (outside a request: a stream's end, the heartbeat's retries).
+    Database errors come out as peewee's exceptions either way.
+    """
+    database = db.obj
+    if isinstance(database, SqliteDatabase):
+        CHECKPOINTS.ensure(database.database)
+        busy_ms = getattr(database, "_busy_ms", 10_000)
+        with _SQLITE_WRITER.lock, __exception_wrapper__:
+            conn = _SQLITE_WRITER.connection(database)
+            begin_immediate(conn, busy_ms / 1000, busy_ms)
+            try:
+                yield conn.execute
+                conn.execute("COMMIT")
+            except BaseException:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                raise
+    elif own_connection:
+        with db.connection_context(), db.atomic():
+            yield db.execute_sql
     else:
         with db.atomic():
-            yield
+            yield db.execute_sql
 
 
 def backup_sqlite(conn, target: str) -> int:

@@ -272,6 +272,60 @@ def test_a_settlement_that_fails_is_retried_not_lost(sqlite_db, tmp_path):
     ledger_check(sqlite_db)
 
 
+def test_request_ids_are_unique_and_in_time_order():
+    """Time-ordered, so the ledger's unique index on them grows at its end (see new_request_id)."""
+    ids = [billing.new_request_id() for _ in range(2000)]
+    assert len(set(ids)) == len(ids)
+    assert all(len(i) <= 40 and i.startswith("req_") and int(i[4:], 16) >= 0 for i in ids)
+    stamps = [int(i[4:16], 16) for i in ids]
+    assert stamps == sorted(stamps)
+    assert abs(stamps[-1] / 1000 - __import__("time").time()) < 5
+
+
+def test_a_failed_reserve_rolls_back_what_it_took(sqlite_db):
+    """The hold INSERT fails (a request id used twice): the balance taken in the same transaction comes back."""
+    kid = _new_key("twice", "1")
+    body, raw = _body(10)
+    rid = billing.new_request_id()
+    billing.reserve(kid, PAID, body, raw, False, rid)
+    after_first = _balance(kid)
+    with pytest.raises(billing.ServiceUnavailable):
+        billing.reserve(kid, PAID, body, raw, False, rid)
+    assert _balance(kid) == after_first
+    assert Usage.select().count() == 1
+    lease = billing.reserve(kid, PAID, body, raw, False, billing.new_request_id())   # the writer still works
+    assert lease.reserved > 0
+
+
+def _forked_reserve(url, kid, raw, body, queue):
+    from app import models
+    inherited = models._SQLITE_WRITER._conn is not None
+    lease = billing.reserve(kid, PAID, json.loads(raw), raw, False, billing.new_request_id())
+    billing.settle(lease, Outcome(status=200, produced=True, usage={"prompt_tokens": 1, "completion_tokens": 1}))
+    queue.put(inherited)
+
+
+def test_a_forked_worker_opens_its_own_writer_connection(sqlite_db):
+    kid = _new_key("forked", "1")
+    body, raw = _body(10)
+    billing.reserve(kid, PAID, body, raw, False, billing.new_request_id())
+    from app import models
+    assert models._SQLITE_WRITER._conn is not None            # the parent has one open...
+    ctx = multiprocessing.get_context("fork")
+    queue = ctx.Queue()
+    procs = [ctx.Process(target=_forked_reserve, args=(sqlite_db, kid, raw, body, queue)) for _ in range(3)]
+    for p in procs:
+        p.start()
+    inherited = [queue.get(timeout=60) for _ in procs]
+    for p in procs:
+        p.join(30)
+        assert p.exitcode == 0
+    assert inherited == [False, False, False]                # ...that no child uses
+    billing.reserve(kid, PAID, body, raw, False, billing.new_request_id())
+    assert Usage.select().where(Usage.state == "settled").count() == 3
+    ledger_check(sqlite_db)
+
+
 def test_reserve_refuses_without_changing_anything(sqlite_db):
     kid = _new_key("poor", "0.05")
     body, raw = _body(100)
