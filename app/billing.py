@@ -127,7 +127,7 @@ def reserve(key_id: int, model: Model, body: dict, raw_body: bytes, stream: bool
                 taken = execute(sql.take, (worst, key_id, worst)).rowcount
             if taken == 1:      # the row exists from now on, so even a crashed worker leaves a trace
                 execute(sql.hold, (request_id, key_id, model.id, utcnow(), "held", stream, worst, 0, 0, 0,
-                                          False, "", OWNER.get()))
+                                   False, "", OWNER.get()))
         if taken != 1:
             balance = ApiKey.select(ApiKey.balance).where(ApiKey.id == key_id).scalar() or 0
     except PeeweeException as err:
