@@ -40,7 +40,7 @@ from .ledger_sql import statements
 from .models import ApiKey
 from .models import Usage
 from .models import db
-from .models import write_transaction
+from .models import run_write
 from .models import utcnow
 
 log = logging.getLogger("boundless")
@@ -120,14 +120,16 @@ def reserve(key_id: int, model: Model, body: dict, raw_body: bytes, stream: bool
         completion = max_completion_tokens(body, model)
         worst = cost(prompt, completion, model.input_price, model.output_price)
     sql = statements(db)
+    hold = (request_id, key_id, model.id, utcnow(), "held", stream, worst, 0, 0, 0, False, "", OWNER.get())
+
+    def take_and_hold(execute) -> int:
+        taken = execute(sql.take, (worst, key_id, worst)).rowcount if worst else 1
+        if taken == 1:          # the row exists from now on, so even a crashed worker leaves a trace
+            execute(sql.hold, hold)
+        return taken
+
     try:
-        with write_transaction() as execute:
-            taken = 1
-            if worst:
-                taken = execute(sql.take, (worst, key_id, worst)).rowcount
-            if taken == 1:      # the row exists from now on, so even a crashed worker leaves a trace
-                execute(sql.hold, (request_id, key_id, model.id, utcnow(), "held", stream, worst, 0, 0, 0,
-                                   False, "", OWNER.get()))
+        taken = run_write(take_and_hold)
         if taken != 1:
             balance = ApiKey.select(ApiKey.balance).where(ApiKey.id == key_id).scalar() or 0
     except PeeweeException as err:
@@ -190,24 +192,34 @@ def settle(lease: Lease, result: Outcome) -> int:
     charge, pt, ct, estimated = charge_for(lease, result)
     touches_key = bool(lease.reserved or charge)      # a free request leaves the key's row alone
     sql = statements(db)
-    with write_transaction(own_connection=True) as execute:
+    reserved, key_id, request_id = lease.reserved, lease.key_id, lease.request_id
+
+    def settle_rows(execute) -> int | None:
+        """The final charge, or None if the row was settled already."""
         if touches_key and sql.lock_key:
-            execute(sql.lock_key, (lease.key_id,)).fetchall()     # see _lock_key
+            execute(sql.lock_key, (key_id,)).fetchall()     # see _lock_key
         claimed = execute(sql.settle_row, (
-            "settled", min(charge, lease.reserved), pt, ct, estimated, result.status, result.outcome[:24],
-            result.latency_ms, result.ttfb_ms, lease.request_id, "held")).rowcount
+            "settled", min(charge, reserved), pt, ct, estimated, result.status, result.outcome[:24],
+            result.latency_ms, result.ttfb_ms, request_id, "held")).rowcount
         if claimed != 1:
-            lease.settled = True
-            return 0
-        if charge > lease.reserved:      # rare: the usage beat the worst-case estimate
-            available = execute(sql.balance, (lease.key_id,)).fetchone()
-            extra = min(charge - lease.reserved, available[0] if available else 0)
+            return None
+        final = charge
+        if charge > reserved:            # rare: the usage beat the worst-case estimate
+            available = execute(sql.balance, (key_id,)).fetchone()
+            extra = min(charge - reserved, available[0] if available else 0)
             if extra:
-                execute(sql.take_up_to, (extra, lease.key_id))
-            charge = lease.reserved + extra
-            execute(sql.set_charge, (charge, lease.request_id))
+                execute(sql.take_up_to, (extra, key_id))
+            final = reserved + extra
+            execute(sql.set_charge, (final, request_id))
         if touches_key:
-            execute(sql.give_back, (lease.reserved - min(charge, lease.reserved), charge, lease.key_id))
+            execute(sql.give_back, (reserved - min(final, reserved), final, key_id))
+        return final
+
+    final = run_write(settle_rows, own_connection=True)
+    if final is None:
+        lease.settled = True
+        return 0
+    charge = final
     lease.settled = True                 # only once committed: a failed attempt can be made again
     result.settled = (charge, pt, ct, estimated)
     return charge

@@ -11,11 +11,9 @@ The database is deferred (:data:`db` is a proxy) and chosen from ``BOUNDLESS_DAT
 from __future__ import annotations
 
 import datetime
-import os
-import threading
-from contextlib import contextmanager
 from functools import cached_property
-from typing import Iterator
+from typing import Callable
+from typing import TypeVar
 
 from flask import Flask
 from peewee import AutoField
@@ -36,13 +34,14 @@ from playhouse.db_url import connect as db_url_connect
 from playhouse.db_url import register_database
 from playhouse.pool import PooledSqliteDatabase
 
-from .checkpoint import CHECKPOINTS
 from .sqlite_busy import begin_immediate
+from .sqlite_writer import WRITER
 
 #: Version of the schema this code runs on; app/schema.py has the steps from each earlier version.
 SCHEMA_VERSION = 2
 
 db = DatabaseProxy()
+T = TypeVar("T")
 
 #: ``wal_autocheckpoint = 0``: checkpoints run in a background thread instead of inside some request's commit
 #: (app/checkpoint.py), started by the first transaction of each process.
@@ -114,79 +113,23 @@ def _cooperative_psycopg2() -> None:
         psycopg2.extensions.set_wait_callback(psycopg2.extras.wait_select)
 
 
-class _SqliteWriter:
-    """This process's connection for the request path's write transactions on the SQLite ledger, and the
-    Python lock its writers queue on.
+def run_write(op: Callable[[Callable], T], own_connection: bool = False) -> T:
+    """Run ``op(execute)`` in a write transaction of the request path and return its result once committed.
 
-    SQLite's busy handler sleeps 1, 2, 5, 10 ... ms between tries, far longer than our transactions hold the
-    lock, so threads contending inside SQLite add milliseconds each. Queued in Python, they hand over at once,
-    and SQLite is left to arbitrate only between processes (app/sqlite_busy.py). Since they queue anyway, they
-    share one plain sqlite3 connection: no pool check-out, no per-greenlet connection state, statements stay
-    prepared, and its page cache stays valid for as long as no other process wrote. Both are made anew in a
-    forked child (never use a parent's SQLite connection or lock).
-    """
-
-    def __init__(self) -> None:
-        self._lock: threading.RLock | None = None
-        self._conn = None
-        self._path = None
-        os.register_at_fork(after_in_child=self._forget)
-
-    def _forget(self) -> None:
-        self._lock = self._conn = self._path = None
-
-    @property
-    def lock(self) -> threading.RLock:
-        if self._lock is None:                 # made lazily: after gevent has patched threading
-            self._lock = threading.RLock()
-        return self._lock
-
-    def connection(self, database: SqliteDatabase):
-        """The connection to ``database`` (call with :attr:`lock` held)."""
-        if self._conn is None or self._path != database.database:
-            import sqlite3
-            if self._conn is not None:
-                self._conn.close()
-                self._conn = self._path = None
-            conn = sqlite3.connect(database.database, isolation_level=None, check_same_thread=False)
-            for name, value in database._pragmas:
-                conn.execute(f"PRAGMA {name}={value}")
-            self._conn, self._path = conn, database.database
-        return self._conn
-
-
-_SQLITE_WRITER = _SqliteWriter()
-
-
-@contextmanager
-def write_transaction(own_connection: bool = False) -> Iterator:
-    """One short write transaction of the request path; yields ``execute(sql, params) -> cursor``.
-
-    SQLite: on this process's writer connection (see :class:`_SqliteWriter`), ``BEGIN IMMEDIATE`` taken
-    cooperatively. PostgreSQL and MySQL: ``db.atomic()`` on the pooled connection, checked out for this
-    transaction alone with ``own_connection`` (outside a request: a stream's end, the heartbeat's retries).
-    Database errors come out as peewee's exceptions either way.
+    ``execute(sql, params)`` returns a cursor. SQLite: on this process's writer connection, possibly in one
+    transaction with other requests' operations (group commit, app/sqlite_writer.py), so ``op`` must only run
+    SQL and may run more than once. PostgreSQL and MySQL: ``db.atomic()`` on the pooled connection, checked
+    out for this transaction alone with ``own_connection`` (outside a request: a stream's end, the heartbeat's
+    retries). Database errors come out as peewee's exceptions either way.
     """
     database = db.obj
     if isinstance(database, SqliteDatabase):
-        CHECKPOINTS.ensure(database.database)
-        busy_ms = getattr(database, "_busy_ms", 10_000)
-        with _SQLITE_WRITER.lock, __exception_wrapper__:
-            conn = _SQLITE_WRITER.connection(database)
-            begin_immediate(conn, busy_ms / 1000, busy_ms)
-            try:
-                yield conn.execute
-                conn.execute("COMMIT")
-            except BaseException:
-                if conn.in_transaction:
-                    conn.execute("ROLLBACK")
-                raise
-    elif own_connection:
+        return WRITER.run(database, op)
+    if own_connection:
         with db.connection_context(), db.atomic():
-            yield db.execute_sql
-    else:
-        with db.atomic():
-            yield db.execute_sql
+            return op(db.execute_sql)
+    with db.atomic():
+        return op(db.execute_sql)
 
 
 def backup_sqlite(conn, target: str) -> int:

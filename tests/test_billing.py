@@ -299,7 +299,7 @@ def test_a_failed_reserve_rolls_back_what_it_took(sqlite_db):
 
 def _forked_reserve(url, kid, raw, body, queue):
     from app import models
-    inherited = models._SQLITE_WRITER._conn is not None
+    inherited = models.WRITER._conn is not None
     lease = billing.reserve(kid, PAID, json.loads(raw), raw, False, billing.new_request_id())
     billing.settle(lease, Outcome(status=200, produced=True, usage={"prompt_tokens": 1, "completion_tokens": 1}))
     queue.put(inherited)
@@ -310,7 +310,7 @@ def test_a_forked_worker_opens_its_own_writer_connection(sqlite_db):
     body, raw = _body(10)
     billing.reserve(kid, PAID, body, raw, False, billing.new_request_id())
     from app import models
-    assert models._SQLITE_WRITER._conn is not None            # the parent has one open...
+    assert models.WRITER._conn is not None            # the parent has one open...
     ctx = multiprocessing.get_context("fork")
     queue = ctx.Queue()
     procs = [ctx.Process(target=_forked_reserve, args=(sqlite_db, kid, raw, body, queue)) for _ in range(3)]
