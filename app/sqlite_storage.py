@@ -7,10 +7,12 @@ one box shares and that survive a restart.
 
 limits has no SQL backend; this one registers itself through limits' documented storage registry (the
 ``STORAGE_SCHEME`` class attribute) on import. Fixed-window counters only, which is all the gateway uses.
-Each ``incr`` is one ``INSERT … ON CONFLICT … RETURNING`` statement, so it is one atomic write in
-autocommit mode (and :meth:`SQLiteStorage.hit_pair` counts a minute and a day window in one transaction); a negative amount gives a hit back and never takes a counter below zero. Connections are
-pooled per process (re-created after a fork), so threads and greenlets share a few connections rather than
-opening one each.
+Each ``incr`` is one ``INSERT … ON CONFLICT … RETURNING`` statement, so one atomic write, and
+:meth:`SQLiteStorage.hit_pair` counts a minute and a day window in one transaction; a negative amount gives a
+hit back and never takes a counter below zero. Writes go through group commit (app/sqlite_writer.py): one
+connection per process, and the hits a worker has queued meanwhile share one transaction. Reads use a pool of
+connections per process (re-created after a fork), so threads and greenlets share a few connections rather
+than opening one each.
 
 URI: ``sqlite:///relative/path.db`` or ``sqlite:////absolute/path.db`` (peewee's convention).
 """
@@ -29,7 +31,9 @@ from urllib.parse import urlparse
 
 from limits.storage import Storage
 
-from .sqlite_busy import begin_immediate
+from peewee import SqliteDatabase
+
+from .sqlite_writer import SqliteWriter
 
 _SCHEMA = (
     "CREATE TABLE IF NOT EXISTS ratelimit_counter ("
@@ -64,6 +68,11 @@ class SQLiteStorage(Storage):
         self._pid = os.getpid()
         self._write_lock, self._write_pid = threading.Lock(), os.getpid()
         self._schema_ready = False
+        #: Hits go through group commit (app/sqlite_writer.py): a worker's queued hits share one transaction.
+        #: The file is WAL already (set up by _connect before the first hit); SQLite checkpoints it itself.
+        self._hits = SqliteWriter(checkpoints=False)
+        self._hits_db = SqliteDatabase(self.path, pragmas={"busy_timeout": int(self.busy_timeout * 1000),
+                                                           "synchronous": "off"})
         super().__init__(uri, wrap_exceptions=wrap_exceptions, **options)
 
     @property
@@ -135,11 +144,21 @@ class SQLiteStorage(Storage):
 
     def incr(self, key: str, expiry: float, amount: int = 1) -> int:
         now = time.time()
-        with self._writing() as conn:
-            rows = conn.execute(_INCR, {"key": key, "amount": amount, "now": now, "expiry": expiry}).fetchall()
-            if random.random() < self.purge_probability:
-                conn.execute("DELETE FROM ratelimit_counter WHERE expires_at <= ?", (now,))
-        return int(rows[0][0])
+        self._ensure_schema()
+        purge = random.random() < self.purge_probability
+
+        def add(execute) -> int:
+            (value,) = execute(_INCR, {"key": key, "amount": amount, "now": now, "expiry": expiry}).fetchone()
+            if purge:
+                execute("DELETE FROM ratelimit_counter WHERE expires_at <= ?", (now,))
+            return int(value)
+
+        return self._hits.run(self._hits_db, add)
+
+    def _ensure_schema(self) -> None:
+        if not self._schema_ready:
+            with self._conn():                 # creates the file, WAL mode and the table, with retries
+                pass
 
     def hit_pair(self, first: tuple[str, float, int], second: tuple[str, float, int]) -> tuple[int, int]:
         """Count one hit on two windows in one transaction: (key, expiry, limit) each.
@@ -149,24 +168,20 @@ class SQLiteStorage(Storage):
         hit (the second is 0 when the first refused); a count over its limit means that window refused.
         """
         now = time.time()
-        with self._writing() as conn:
-            begin_immediate(conn, self.busy_timeout, int(self.busy_timeout * 1000))
-            try:
-                counts = []
-                for key, expiry, limit in (first, second):
-                    (count,) = conn.execute(_INCR, {"key": key, "amount": 1, "now": now,
-                                                    "expiry": expiry}).fetchone()
-                    counts.append(count)
-                    if count > limit:
-                        for undo_key, undo_expiry, _ in (first, second)[:len(counts)]:
-                            conn.execute(_INCR, {"key": undo_key, "amount": -1, "now": now,
-                                                 "expiry": undo_expiry}).fetchall()
-                        break
-                conn.execute("COMMIT")
-            except BaseException:
-                if conn.in_transaction:
-                    conn.execute("ROLLBACK")
-                raise
+        self._ensure_schema()
+
+        def count(execute) -> list[int]:
+            counts = []
+            for key, expiry, limit in (first, second):
+                (n,) = execute(_INCR, {"key": key, "amount": 1, "now": now, "expiry": expiry}).fetchone()
+                counts.append(n)
+                if n > limit:
+                    for undo_key, undo_expiry, _ in (first, second)[:len(counts)]:
+                        execute(_INCR, {"key": undo_key, "amount": -1, "now": now, "expiry": undo_expiry}).fetchall()
+                    break
+            return counts
+
+        counts = self._hits.run(self._hits_db, count)
         return counts[0], counts[1] if len(counts) > 1 else 0
 
     def get(self, key: str) -> int:

@@ -60,7 +60,9 @@ class _Ticket:
 class SqliteWriter:
     """This process's write path to one SQLite database at a time (see the module's docstring)."""
 
-    def __init__(self) -> None:
+    def __init__(self, checkpoints: bool = True) -> None:
+        #: Start app/checkpoint.py's thread for the file (its connections then need ``wal_autocheckpoint=0``).
+        self.checkpoints = checkpoints
         self._lock: threading.RLock | None = None
         self._conn: sqlite3.Connection | None = None
         self._path: str | None = None
@@ -84,7 +86,8 @@ class SqliteWriter:
 
         :raise peewee.PeeweeException: the database failed (for this operation, or for the whole batch).
         """
-        CHECKPOINTS.ensure(database.database)
+        if self.checkpoints:
+            CHECKPOINTS.ensure(database.database)
         ticket = _Ticket(op)
         self._queue.append(ticket)
         lock = self.lock
