@@ -2,7 +2,8 @@
 app.sqlite_writer
 ~~~~~~~~~~~~~~~~~
 
-The request path's writes to the SQLite ledger: one connection per process, and group commit.
+The request path's writes to SQLite (the ledger; the rate-limit counters, on their own file and writer): one
+connection per process, and group commit.
 
 Every gunicorn worker writes the same SQLite file, and SQLite lets one writer at a time in. A process's
 writers therefore queue on one Python lock (SQLite's own busy handler would sleep 1–10 ms between tries, far
