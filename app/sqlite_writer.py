@@ -13,8 +13,8 @@ queue anyway:
 * they share one plain ``sqlite3`` connection: no pool check-out, no per-greenlet connection state, prepared
   statements stay prepared, and its page cache stays valid while no other process writes;
 * **group commit**: a writer hands its work in as an *operation* (a function of ``execute``) and queues for the
-  lock; whoever gets the lock first yields once (one turn of gevent's loop), so that the other requests that
-  are ready to run queue their operations behind it, then runs every operation queued by then in one
+  lock; whoever gets the lock first yields once under gevent (one turn of the loop), so that the other
+  requests that are ready to run queue their operations behind it, then runs every operation queued by then in one
   transaction, one ``BEGIN IMMEDIATE`` and one ``COMMIT``. Under load that is several requests per
   transaction (2–3 on average at 64 clients in the benchmark): fewer hand-offs of SQLite's lock between the
   workers, and each page written to the WAL once per batch instead of once per request. A lone request is a
@@ -65,6 +65,7 @@ class SqliteWriter:
         #: Start app/checkpoint.py's thread for the file (its connections then need ``wal_autocheckpoint=0``).
         self.checkpoints = checkpoints
         self._lock: threading.RLock | None = None
+        self._gather = False
         self._conn: sqlite3.Connection | None = None
         self._path: str | None = None
         self._queue: deque[_Ticket] = deque()
@@ -80,6 +81,7 @@ class SqliteWriter:
     def lock(self) -> threading.RLock:
         if self._lock is None:                 # made lazily: after gevent has patched threading
             self._lock = threading.RLock()
+            self._gather = _cooperative()
         return self._lock
 
     def run(self, database: SqliteDatabase, op: Callable[[Execute], T]) -> T:
@@ -98,8 +100,8 @@ class SqliteWriter:
             ticket.abandoned = True            # leaves it out
             raise
         try:
-            if not ticket.done:                # we lead: let the writers that are ready to run queue first
-                time.sleep(0)                  # (gevent: one turn of the loop; threads: a GIL hand-off)
+            if self._gather and not ticket.done:   # we lead: let the greenlets that are ready queue first
+                time.sleep(0)                          # (gevent's sleep: one turn of the loop)
             while not ticket.done:             # else the lock's previous holder committed ours with its own
                 batch = [t for t in (self._queue.popleft() for _ in range(min(len(self._queue), MAX_BATCH)))
                          if not t.abandoned]
@@ -159,6 +161,17 @@ class SqliteWriter:
                 conn.execute(f"PRAGMA {name}={value}")
             self._conn, self._path = conn, database.database
         return self._conn
+
+
+def _cooperative() -> bool:
+    """Whether this process runs on gevent (the shipped worker): only there is a yield one cheap turn of the
+    loop. With OS threads ``time.sleep(0)`` gives the GIL away for up to the switch interval (5 ms) while other
+    threads run, and they queue behind a running transaction anyway."""
+    try:
+        from gevent import monkey
+    except ImportError:
+        return False
+    return monkey.is_module_patched("time")
 
 
 WRITER = SqliteWriter()

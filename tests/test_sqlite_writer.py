@@ -133,3 +133,18 @@ def test_many_threads_in_two_writers_lose_nothing(database):
     assert database.execute_sql("SELECT n FROM total").fetchone()[0] == 800
     assert len(_rows(database)) == 800
     assert sum(w.operations for w in writers) == 800
+
+
+def test_the_leader_yields_only_under_gevent():
+    """Under gevent a yield is one turn of the loop that lets ready requests join the batch; with OS threads it
+    would hand the GIL away for up to 5 ms, so threads never yield (they queue behind a transaction anyway)."""
+    import subprocess
+    import sys
+
+    from app.sqlite_writer import _cooperative
+    assert _cooperative() is False                       # this test process: plain threads
+    code = ("from gevent import monkey; monkey.patch_all()\n"
+            "from app.sqlite_writer import _cooperative\n"
+            "print(_cooperative())")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and out.stdout.strip() == "True", out.stderr
