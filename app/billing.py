@@ -196,8 +196,8 @@ def settle(lease: Lease, result: Outcome) -> int:
 
     def settle_rows(execute) -> int | None:
         """The final charge, or None if the row was settled already."""
-        if touches_key and sql.lock_key:
-            execute(sql.lock_key, (key_id,)).fetchall()     # see _lock_key
+        if touches_key:
+            _lock_key(execute, key_id)
         claimed = execute(sql.settle_row, (
             "settled", min(charge, reserved), pt, ct, estimated, result.status, result.outcome[:24],
             result.latency_ms, result.ttfb_ms, request_id, "held")).rowcount
@@ -254,7 +254,7 @@ def retry_pending() -> int:
     return done
 
 
-def _lock_key(key_id: int) -> None:
+def _lock_key(execute, key_id: int) -> None:
     """Lock the key's row before the ledger row, the order reserve() takes them in.
 
     The other order deadlocks on MySQL/MariaDB: an UPDATE's next-key lock on ``usage`` blocks a concurrent
@@ -263,7 +263,7 @@ def _lock_key(key_id: int) -> None:
     """
     sql = statements(db).lock_key
     if sql:
-        db.execute_sql(sql, (key_id,)).fetchall()
+        execute(sql, (key_id,)).fetchall()
 
 
 class _Owner:
@@ -303,7 +303,7 @@ def settle_lost(owners: list[str]) -> int:
         usage_id, key_id, reserved = row
         with db.atomic():
             if reserved:
-                _lock_key(key_id)
+                _lock_key(db.execute_sql, key_id)
             if Usage.update(state="settled", charge=0, estimated=True, outcome="worker_lost").where(
                     (Usage.id == usage_id) & (Usage.state == "held")).execute() == 1:
                 ApiKey.update(balance=ApiKey.balance + reserved).where(ApiKey.id == key_id).execute()

@@ -22,7 +22,6 @@ import os
 import queue
 import random
 import sqlite3
-import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -66,7 +65,6 @@ class SQLiteStorage(Storage):
         self.purge_probability = float(options.pop("purge_probability", 0.001))
         self._pool: queue.SimpleQueue[sqlite3.Connection] = queue.SimpleQueue()
         self._pid = os.getpid()
-        self._write_lock, self._write_pid = threading.Lock(), os.getpid()
         self._schema_ready = False
         #: Hits go through group commit (app/sqlite_writer.py): a worker's queued hits share one transaction.
         #: The file is WAL already (set up by _connect before the first hit); SQLite checkpoints it itself.
@@ -129,18 +127,6 @@ class SQLiteStorage(Storage):
             raise
         else:
             self._pool.put(conn)
-
-    @contextmanager
-    def _writing(self) -> Iterator[sqlite3.Connection]:
-        """A connection for writing, with this process's other writers waiting on a Python lock.
-
-        SQLite's busy handler sleeps 1, 2, 5, 10 ... ms between tries, far longer than a counter write holds
-        the lock; queueing our own threads in Python leaves it only the other processes to wait for.
-        """
-        if self._write_pid != os.getpid():
-            self._write_lock, self._write_pid = threading.Lock(), os.getpid()
-        with self._write_lock, self._conn() as conn:
-            yield conn
 
     def incr(self, key: str, expiry: float, amount: int = 1) -> int:
         now = time.time()
@@ -206,9 +192,9 @@ class SQLiteStorage(Storage):
             return False
 
     def reset(self) -> int | None:
-        with self._writing() as conn:
-            return conn.execute("DELETE FROM ratelimit_counter").rowcount
+        self._ensure_schema()
+        return self._hits.run(self._hits_db, lambda execute: execute("DELETE FROM ratelimit_counter").rowcount)
 
     def clear(self, key: str) -> None:
-        with self._writing() as conn:
-            conn.execute("DELETE FROM ratelimit_counter WHERE key = ?", (key,))
+        self._ensure_schema()
+        self._hits.run(self._hits_db, lambda execute: execute("DELETE FROM ratelimit_counter WHERE key = ?", (key,)))

@@ -68,6 +68,7 @@ class SqliteWriter:
         self._gather = False
         self._conn: sqlite3.Connection | None = None
         self._path: str | None = None
+        self._busy_ms = 10_000
         self._queue: deque[_Ticket] = deque()
         #: Transactions committed and operations they held, for the tests and the benchmark's notes.
         self.commits = self.operations = 0
@@ -135,10 +136,9 @@ class SqliteWriter:
             ticket.result, ticket.done = result, True
 
     def _transaction(self, database: SqliteDatabase, ops: list[Callable[[Execute], T]]) -> list[T]:
-        busy_ms = getattr(database, "_busy_ms", 10_000)
         with __exception_wrapper__:
             conn = self._connection(database)
-            begin_immediate(conn, busy_ms / 1000, busy_ms)
+            begin_immediate(conn, self._busy_ms / 1000, self._busy_ms)
             try:
                 results = [op(conn.execute) for op in ops]
                 conn.execute("COMMIT")
@@ -157,9 +157,11 @@ class SqliteWriter:
                 self._conn.close()
                 self._conn = self._path = None
             conn = sqlite3.connect(database.database, isolation_level=None, check_same_thread=False)
-            for name, value in database._pragmas:
+            pragmas = dict(database._pragmas)
+            for name, value in pragmas.items():
                 conn.execute(f"PRAGMA {name}={value}")
             self._conn, self._path = conn, database.database
+            self._busy_ms = int(pragmas.get("busy_timeout", 10_000))    # how long BEGIN waits for other processes
         return self._conn
 
 
