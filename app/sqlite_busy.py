@@ -24,34 +24,43 @@ import time
 _BACKOFF = (0.00005, 0.0001, 0.0002, 0.0005, 0.001, 0.002)
 
 
-def begin_immediate(conn: sqlite3.Connection, timeout: float, busy_timeout_ms: int) -> None:
+def begin_immediate(conn: sqlite3.Connection, timeout: float, busy_timeout_ms: int | None) -> None:
     """``BEGIN IMMEDIATE`` on ``conn``, retried while another process holds the lock, for up to ``timeout`` s.
 
-    ``busy_timeout_ms`` is the connection's usual busy timeout, restored afterwards.
+    ``busy_timeout_ms`` is the connection's usual busy timeout: it is set to 0 for the ``BEGIN`` and restored
+    afterwards. ``None`` means the connection's busy timeout is 0 already and stays so (a connection that only
+    ever runs ``BEGIN IMMEDIATE`` transactions: app/sqlite_writer.py), which saves two statements.
 
     :raise sqlite3.OperationalError: "database is locked" after ``timeout``, or any other error at once.
     """
+    if busy_timeout_ms is None:
+        _begin(conn, timeout)
+        return
     conn.execute("PRAGMA busy_timeout=0")
     try:
-        deadline = None
-        tries = 0
-        while True:
-            try:
-                conn.execute("BEGIN IMMEDIATE")
-                return
-            except sqlite3.OperationalError as err:
-                if not _is_busy(err):
-                    raise
-                now = time.monotonic()
-                if deadline is None:
-                    deadline = now + timeout
-                elif now >= deadline:
-                    raise
-            pause = _BACKOFF[min(tries, len(_BACKOFF) - 1)]
-            tries += 1
-            time.sleep(pause * random.uniform(0.5, 1.5))
+        _begin(conn, timeout)
     finally:
         conn.execute(f"PRAGMA busy_timeout={busy_timeout_ms}")
+
+
+def _begin(conn: sqlite3.Connection, timeout: float) -> None:
+    deadline = None
+    tries = 0
+    while True:
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            return
+        except sqlite3.OperationalError as err:
+            if not _is_busy(err):
+                raise
+            now = time.monotonic()
+            if deadline is None:
+                deadline = now + timeout
+            elif now >= deadline:
+                raise
+        pause = _BACKOFF[min(tries, len(_BACKOFF) - 1)]
+        tries += 1
+        time.sleep(pause * random.uniform(0.5, 1.5))
 
 
 def _is_busy(err: sqlite3.OperationalError) -> bool:

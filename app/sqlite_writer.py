@@ -138,7 +138,7 @@ class SqliteWriter:
     def _transaction(self, database: SqliteDatabase, ops: list[Callable[[Execute], T]]) -> list[T]:
         with __exception_wrapper__:
             conn = self._connection(database)
-            begin_immediate(conn, self._busy_ms / 1000, self._busy_ms)
+            begin_immediate(conn, self._busy_ms / 1000, None)
             try:
                 results = [op(conn.execute) for op in ops]
                 conn.execute("COMMIT")
@@ -160,8 +160,12 @@ class SqliteWriter:
             pragmas = dict(database._pragmas)
             for name, value in pragmas.items():
                 conn.execute(f"PRAGMA {name}={value}")
+            # This connection only runs BEGIN IMMEDIATE transactions, whose BEGIN begin_immediate() retries
+            # itself: SQLite's busy handler is never wanted on it. The database's busy_timeout is how long
+            # BEGIN waits for the other processes.
+            conn.execute("PRAGMA busy_timeout=0")
             self._conn, self._path = conn, database.database
-            self._busy_ms = int(pragmas.get("busy_timeout", 10_000))    # how long BEGIN waits for other processes
+            self._busy_ms = int(pragmas.get("busy_timeout", 10_000))
         return self._conn
 
 

@@ -69,3 +69,22 @@ def test_other_errors_are_raised_at_once(pair):
         begin_immediate(b, timeout=5, busy_timeout_ms=7000)
     assert time.monotonic() - started < 0.5
     b.execute("ROLLBACK")
+
+
+def test_a_connection_kept_at_busy_timeout_0_is_left_so(pair):
+    """busy_timeout_ms=None: the caller keeps the connection at 0 (the SQLite writer's own connection); the
+    BEGIN still waits for the other writer, without the two PRAGMA statements around it."""
+    a, b = pair
+    b.execute("PRAGMA busy_timeout=0")
+    a.execute("BEGIN IMMEDIATE")
+    threading.Timer(0.15, lambda: a.execute("COMMIT")).start()
+    started = time.monotonic()
+    statements = []
+    b.set_trace_callback(statements.append)
+    begin_immediate(b, timeout=5, busy_timeout_ms=None)
+    b.set_trace_callback(None)
+    assert time.monotonic() - started >= 0.1
+    assert b.in_transaction
+    assert not [s for s in statements if "PRAGMA" in s.upper()]
+    assert b.execute("PRAGMA busy_timeout").fetchone()[0] == 0
+    b.execute("ROLLBACK")

@@ -5,7 +5,9 @@ Real SQLite files and real threads; the gevent worker's use of it is covered end
 """
 from __future__ import annotations
 
+import sqlite3
 import threading
+import time
 
 import pytest
 from peewee import IntegrityError
@@ -44,6 +46,27 @@ def test_a_lone_operation_is_one_transaction(database):
     assert writer.run(database, _insert("b", 7)) == 12
     assert (writer.commits, writer.operations) == (2, 2)
     assert _rows(database) == {"a": 5, "b": 7}
+
+
+def test_another_process_holding_the_lock_is_waited_for_without_busy_handler(database):
+    """The writer's connection never uses SQLite's busy handler (busy_timeout 0, no PRAGMA per transaction):
+    a write lock held elsewhere (here another connection, as another worker process would) is waited for by
+    begin_immediate's short retries, and the operation then commits."""
+    writer = SqliteWriter()
+    writer.run(database, _insert("a", 1))               # opens the writer's connection
+    other = sqlite3.connect(database.database, isolation_level=None, check_same_thread=False)
+    other.execute("BEGIN IMMEDIATE")
+    other.execute("INSERT INTO t (k, v) VALUES ('other', 2)")
+    threading.Timer(0.2, lambda: other.execute("COMMIT")).start()
+    statements: list[str] = []
+    writer._conn.set_trace_callback(statements.append)
+    started = time.monotonic()
+    assert writer.run(database, _insert("b", 3)) == 4
+    assert time.monotonic() - started >= 0.15
+    assert not [s for s in statements if "PRAGMA" in s.upper()]
+    assert writer._conn.execute("PRAGMA busy_timeout").fetchone()[0] == 0
+    assert _rows(database) == {"a": 1, "other": 2, "b": 3}
+    other.close()
 
 
 def test_operations_queued_behind_a_transaction_share_the_next_one(database):
