@@ -24,6 +24,8 @@ read either), and a message that ends without body bytes sends its head when it 
 """
 from __future__ import annotations
 
+import sys
+
 from urllib3.connection import HTTPConnection as _HTTPConnection
 from urllib3.connection import HTTPSConnection as _HTTPSConnection
 
@@ -51,6 +53,10 @@ class _HeadWithFirstChunk:
                 data = head + bytes(data)
             else:                                    # a file-like or iterable body: head first, as is
                 super().send(head)
+        if isinstance(data, bytes) and self.sock is not None and not self.debuglevel:
+            sys.audit("http.client.send", self, data)     # as http.client's send() does
+            send_all(self.sock, data)
+            return
         super().send(data)
 
     def getresponse(self, *args, **kwargs):
@@ -91,27 +97,35 @@ def _response_class():
 
         def _emit_body(self, data: bytes) -> None:
             head, self._head = self._head, None
-            if head is None:
-                return super()._emit_body(data)
             if self.chunked:
                 data = b"%X\r\n%b\r\n" % (len(data), data)
-            self.sock.sendall(head + data)
-
-        def _flush_head(self) -> None:
-            head, self._head = self._head, None
-            if head:
-                self.sock.sendall(head)
+            send_all(self.sock, data if head is None else head + data)
 
         def can_sendfile(self) -> bool:
             return False          # sendfile() writes the socket itself after send_headers(): keep write()
 
         def close(self) -> None:
+            """gunicorn's ``close()`` (the head if not sent, then a chunked body's last chunk), in one write."""
             if not self.headers_sent:
                 self.send_headers()
-            self._flush_head()
-            super().close()
+            head, self._head = self._head, None
+            out = (head or b"") + (b"0\r\n\r\n" if self.chunked else b"")
+            if out:
+                send_all(self.sock, out)
 
     return Response
+
+
+def send_all(sock, data: bytes) -> None:
+    """``sock.sendall(data)``, but one ``send()`` when the socket takes it all, as it nearly always does.
+
+    gevent's ``sendall`` asks the kernel for the socket's buffer size (``getsockopt``) on every call, to split
+    large writes: a second system call per HTTP message, and per event of a stream. A short send (a full
+    buffer: a slow reader) hands the rest to ``sendall``, which waits for room as usual.
+    """
+    sent = sock.send(data)
+    if sent < len(data):
+        sock.sendall(memoryview(data)[sent:])
 
 
 class _Capture:

@@ -54,6 +54,10 @@ class _Recorder:
         self.writes.append(bytes(data))
         self._sock.sendall(data, *args)
 
+    def send(self, data, *args) -> int:
+        self.writes.append(bytes(data))
+        return self._sock.send(data, *args)
+
     def __getattr__(self, name):
         return getattr(self._sock, name)
 
@@ -144,3 +148,36 @@ def test_a_head_request_and_an_empty_answer_still_get_their_head(gateway):
         while chunk := s.recv(65536):
             data += chunk
     assert data.count(b"HTTP/1.1 200") == 2, data
+
+
+def test_send_all_is_one_send_when_the_socket_takes_it_all():
+    a, b = socket.socketpair()
+    rec = _Recorder(a)
+    onewrite.send_all(rec, b"x" * 1000)
+    assert [len(w) for w in rec.writes] == [1000]          # one send(), no sendall() after it
+    assert b.recv(4096) == b"x" * 1000
+    a.close()
+    b.close()
+
+
+def test_send_all_hands_the_rest_of_a_short_send_to_sendall():
+    """A reader slower than the writer: the socket takes part of a large message; the rest waits for room."""
+    a, b = socket.socketpair()
+    a.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    a.settimeout(10)              # non-blocking underneath, as gevent's sockets are: send() may be short
+    payload = bytes(range(256)) * 4096                      # 1 MiB, far beyond the socket's buffers
+    got = bytearray()
+
+    def read() -> None:
+        while len(got) < len(payload):
+            got.extend(b.recv(65536))
+
+    reader = threading.Thread(target=read)
+    reader.start()
+    rec = _Recorder(a)
+    onewrite.send_all(rec, payload)
+    reader.join(10)
+    assert bytes(got) == payload
+    assert len(rec.writes) == 2 and len(rec.writes[0]) == len(payload)   # send() took part, sendall() the rest
+    a.close()
+    b.close()
