@@ -36,28 +36,36 @@ class EventRelay:
     def feed(self, chunk: bytes) -> tuple[bytes, int]:
         """Take bytes from upstream; return (complete events to forward, number of content events in them)."""
         buf = self.buf + chunk if self.buf else chunk
-        out: list[bytes] = []
-        content = 0
-        if b"\r" in buf:
+        if b"\r" not in buf:                    # the usual framing: events end with a blank line, "\n\n"
+            end = buf.rfind(b"\n\n")
+            if end >= 0 and buf.find(b"\n\n") == end:    # the usual read: one whole event, forwarded as is
+                event, self.buf = buf[:end + 2], buf[end + 2:]
+                keep, is_content = self._observe(event)
+                return self._bounded(event if keep else b""), int(keep and is_content)
+            *events, rest = buf.split(b"\n\n")
+            events = [e + b"\n\n" for e in events]
+        else:
             events = []
             start = 0
             for m in _BOUNDARY.finditer(buf):
                 events.append(buf[start:m.end()])
                 start = m.end()
             rest = buf[start:]
-        else:                                   # the usual framing: split on blank lines without a regex
-            *events, rest = buf.split(b"\n\n")
-            events = [e + b"\n\n" for e in events]
+        out: list[bytes] = []
+        content = 0
         for event in events:
             keep, is_content = self._observe(event)
             if keep:
                 out.append(event)
                 content += is_content
         self.buf = rest
+        return self._bounded(b"".join(out)), content
+
+    def _bounded(self, out: bytes) -> bytes:
+        """``out``, plus what is buffered if that is an unfinished event larger than :data:`MAX_EVENT`."""
         if len(self.buf) > MAX_EVENT:
-            out.append(self.buf)
-            self.buf = b""
-        return b"".join(out), content
+            out, self.buf = out + self.buf, b""
+        return out
 
     def flush(self) -> bytes:
         """What is left when the upstream ends (an event without its blank line)."""
@@ -68,13 +76,18 @@ class EventRelay:
         return b""
 
     def _observe(self, event: bytes) -> tuple[bool, bool]:
-        data = _data(event)
-        if data is None:
-            return True, False
+        if event.startswith(b"data:") and event.count(b"data:") == 1:     # the common case, one data line
+            data = event[5:].strip()
+        else:
+            data = _data(event)
+            if data is None:
+                return True, False
         if data == b"[DONE]":
             self.done = True
             return True, False
-        if b'"usage"' in data and _USAGE_OBJECT.search(data):   # not '"usage": null', which rides on every chunk
+        # Each pattern is searched from the first place its key occurs, not from the start of the event.
+        at = data.find(b'"usage"')
+        if at >= 0 and _USAGE_OBJECT.search(data, at):   # not '"usage": null', which rides on every chunk
             try:
                 obj = loads(data)
             except ValueError:
@@ -83,8 +96,11 @@ class EventRelay:
                 self.usage = obj["usage"]
                 if self.strip_usage_chunk and obj.get("choices") == []:
                     return False, False
-        return True, (b'content"' in data and bool(_CONTENT.search(data))
-                      and not (b"[" in data and _EMPTY_CHOICES.search(data)))
+        at = data.find(b'content"')
+        if at < 0 or not _CONTENT.search(data, max(at - len(b'"reasoning_'), 0)):
+            return True, False
+        at = data.find(b'"choices"')
+        return True, at < 0 or not _EMPTY_CHOICES.search(data, at)
 
 
 def _data(event: bytes) -> bytes | None:
