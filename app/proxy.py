@@ -148,11 +148,17 @@ def _usage_of(data: bytes) -> dict | None:
 
 def relay_stream(resp: Response, lease: Lease, outcome: Outcome, provider: str, strip_usage: bool,
                  started: float, finish: Finish, streams: OpenStreams) -> Iterator[bytes]:
-    """Yield the upstream's events as they arrive; settle in ``finally`` however the stream ends."""
+    """Yield the upstream's events as they arrive; settle in ``finally`` however the stream ends.
+
+    A stream whose usage has arrived is settled just before its ``[DONE]`` goes out, not after: the OpenAI
+    SDKs stop reading at ``[DONE]``, so a caller that then asks for its balance (``GET /api/v1/key``) must
+    already see the charge. The end of the stream then only reports it.
+    """
     relay = EventRelay(strip_usage_chunk=strip_usage)
     pending = 0
     first = True
     status = "complete"
+    settled_at_done = False
     try:
         try:
             for chunk in iter_raw(resp, provider):
@@ -161,6 +167,9 @@ def relay_stream(resp: Response, lease: Lease, outcome: Outcome, provider: str, 
                 if out:
                     if first:
                         outcome.ttfb_ms, first = (time.perf_counter() - started) * 1000, False
+                    if relay.done and relay.usage is not None and not settled_at_done:
+                        outcome.usage, settled_at_done = relay.usage, True
+                        _settle(lease, outcome, "complete", started)
                     pending = content
                     yield out
                     outcome.delivered_events += pending
@@ -188,13 +197,19 @@ def relay_stream(resp: Response, lease: Lease, outcome: Outcome, provider: str, 
         close(resp, status == "complete")        # else closes the upstream socket: the provider stops generating
         streams.discard(resp)
         outcome.usage = relay.usage
-        _finish(lease, outcome, status, started, finish)
+        # Settled at [DONE] (what followed cannot change the charge): reported as the ledger has it.
+        _finish(lease, outcome, "complete" if settled_at_done else status, started, finish)
+
+
+def _settle(lease: Lease, outcome: Outcome, status: str, started: float) -> None:
+    outcome.outcome = status
+    outcome.latency_ms = (time.perf_counter() - started) * 1000
+    billing.settle_or_defer(lease, outcome)
 
 
 def _finish(lease: Lease, outcome: Outcome, status: str, started: float, finish: Finish) -> None:
-    outcome.outcome = status
-    outcome.latency_ms = (time.perf_counter() - started) * 1000
+    """Settle (unless done already: settling twice changes nothing) and report the request, once."""
     try:
-        billing.settle_or_defer(lease, outcome)
+        _settle(lease, outcome, status, started)
     finally:
         finish(lease, outcome)

@@ -295,6 +295,38 @@ def test_exact_charge_streams(gw, mock):
     ledger_check(gw.database_url)
 
 
+@ALL
+def test_a_stream_is_settled_before_its_done_reaches_the_caller(gw):
+    """The OpenAI SDKs stop reading at [DONE] and the caller may ask for its balance at once: by then the
+    stream's charge is in the ledger and nothing of it is held. (Settled after [DONE], a read right after it
+    saw the reservation still held in several of 60 tries, on SQLite already.)"""
+    name, key = new_key(gw, credit="5")
+    opening = 5_000_000
+    http, other = session(), session()
+    auth = {"Authorization": f"Bearer {key}"}
+    spent = 0
+    for i in range(40):
+        raw = chat_body(f"settled before done {i}", stream=True, max_tokens=20,
+                        stream_options={"include_usage": True})
+        with post(gw, key, raw, stream=True, http=http) as resp:
+            assert resp.status_code == 200
+            got = b""
+            for part in resp.iter_content(None):        # as an SDK reads: until [DONE], not to the end
+                got += part
+                if b"data: [DONE]" in got:
+                    break
+            info = other.get(gw.base_url + "/key", headers=auth, timeout=10).json()["data"]
+        usage = [json.loads(e)["usage"] for e in sse_data(got.decode()) if e != "[DONE]" and json.loads(e).get("usage")]
+        assert len(usage) == 1
+        spent += price(usage[0]["prompt_tokens"], usage[0]["completion_tokens"])
+        assert (Decimal(repr(info["balance"])), Decimal(repr(info["spent"]))) == (
+            to_credits(opening - spent), to_credits(spent)), f"stream {i}: the charge was not settled at [DONE]"
+    http.close()
+    other.close()
+    assert all(r["state"] == "settled" and r["outcome"] == "complete" for r in wait_settled(gw, name, 40))
+    ledger_check(gw.database_url)
+
+
 # --------------------------------------------------------------------------------------------------
 # 3. concurrency: 40 requests at once on a balance that covers 5 worst cases
 # --------------------------------------------------------------------------------------------------
