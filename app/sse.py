@@ -76,12 +76,9 @@ class EventRelay:
         return b""
 
     def _observe(self, event: bytes) -> tuple[bool, bool]:
-        if event.startswith(b"data:") and event.count(b"data:") == 1:     # the common case, one data line
-            data = event[5:].strip()
-        else:
-            data = _data(event)
-            if data is None:
-                return True, False
+        data = _data(event)
+        if data is None:
+            return True, False
         if data == b"[DONE]":
             self.done = True
             return True, False
