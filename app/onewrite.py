@@ -5,14 +5,13 @@ app.onewrite
 One write per small HTTP message: the head goes out with the first bytes of the body, on both of the
 gateway's hops.
 
-Out of the box, each hop writes a message in two ``send()`` calls: urllib3 sends the request head, then the
-body; gunicorn sends the response head, then the body. On loopback or a LAN every ``send()`` is a TCP segment
-that the kernel carries through the whole receive path and a wake-up of the reader, in the sender's CPU time:
-in the JSON profile (docs/benchmarks.md) ``send`` was a fifth of the gateway's CPU, two of its four calls per
-request avoidable. Here each hop holds its head and writes it together with the first body bytes.
+Out of the box, gunicorn writes a response in two ``send()`` calls: the head, then the body. On loopback or
+a LAN every ``send()`` is a TCP segment that the kernel carries through the whole receive path and a wake-up
+of the reader, in the sender's CPU time: in the JSON profile (docs/benchmarks.md) ``send`` was a fifth of the
+gateway's CPU, two of its four calls per request avoidable. Here each hop holds its head and writes it
+together with the first body bytes.
 
-* :class:`HTTPConnection` / :class:`HTTPSConnection`: urllib3 connections for the upstream pools
-  (``app.upstream``); a request with a body leaves in one write.
+* The upstream side: app/http1.py writes each request (head and body) with one :func:`send_all`.
 * :class:`Response`: gunicorn's response writer, installed in each worker by :func:`install` (from
   ``post_worker_init``); gunicorn builds every response through the module attribute
   ``gunicorn.http.wsgi.Response``. A JSON answer leaves in one write; a stream's head leaves with its
@@ -23,59 +22,6 @@ body that is not there yet — a stream waiting for its first event — is exact
 read either), and a message that ends without body bytes sends its head when it closes.
 """
 from __future__ import annotations
-
-import sys
-
-from urllib3.connection import HTTPConnection as _HTTPConnection
-from urllib3.connection import HTTPSConnection as _HTTPSConnection
-
-
-class _HeadWithFirstChunk:
-    """http.client writes the head from ``endheaders()``; urllib3 then ``send()``s each body chunk."""
-
-    _holding = False
-    _head: bytes | None = None
-
-    def endheaders(self, message_body=None, *, encode_chunked=False) -> None:
-        self._holding = message_body is None       # with a body given here, http.client joins them itself
-        try:
-            super().endheaders(message_body, encode_chunked=encode_chunked)
-        finally:
-            self._holding = False
-
-    def send(self, data) -> None:
-        if self._holding and self._head is None and isinstance(data, bytes):
-            self._head = data
-            return
-        head, self._head = self._head, None
-        if head is not None:
-            if isinstance(data, (bytes, bytearray, memoryview)):
-                data = head + bytes(data)
-            else:                                    # a file-like or iterable body: head first, as is
-                super().send(head)
-        if isinstance(data, bytes) and self.sock is not None and not self.debuglevel:
-            sys.audit("http.client.send", self, data)     # as http.client's send() does
-            send_all(self.sock, data)
-            return
-        super().send(data)
-
-    def getresponse(self, *args, **kwargs):
-        head, self._head = self._head, None          # a request without a body: its head alone
-        if head is not None:
-            super().send(head)
-        return super().getresponse(*args, **kwargs)
-
-    def close(self) -> None:
-        self._head = None
-        super().close()
-
-
-class HTTPConnection(_HeadWithFirstChunk, _HTTPConnection):
-    pass
-
-
-class HTTPSConnection(_HeadWithFirstChunk, _HTTPSConnection):
-    pass
 
 
 def _response_class():

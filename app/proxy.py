@@ -188,7 +188,7 @@ def relay_stream(resp: Response, lease: Lease, outcome: Outcome, provider: str, 
                     "The gateway is restarting and ended this stream; retry the request.", code="shutting_down"))
                 return
             status = "upstream_timeout" if isinstance(err, UpstreamTimeout) else "upstream_cut"
-            log.warning("stream from %s ended early: %s", provider, status)
+            log.warning("stream from %s ended early: %s (%s)", provider, status, err.__cause__ or err)
             yield sse_error_event(err)
     except GeneratorExit:                        # the caller hung up: gunicorn closed the iterator
         status = "client_closed"

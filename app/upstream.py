@@ -2,16 +2,15 @@
 app.upstream
 ~~~~~~~~~~~~
 
-The client side of the gateway: urllib3 connection pools (one per provider, per worker process), and the
-translation of every transport failure into the gateway's errors (no ``urllib3`` exception leaves this module).
+The client side of the gateway: calls to providers through app/http1.py's keep-alive pools (one per origin,
+per worker process), and the translation of every transport failure into the gateway's errors (no
+``app.http1`` error leaves this module).
 
-urllib3 rather than ``requests`` on top of it: on this path ``requests`` added about 0.3 ms of CPU per call
-(preparing and merging settings, cookie jars, hooks, runtime ``Protocol`` checks) and offered nothing the
-gateway uses; see docs/benchmarks.md. Like the session it replaces, the client keeps no cookies (a provider's
-cookie must never travel with another caller's request), ignores proxy variables and ``.netrc``, follows no
-redirect, and retries only failed *connections*, never a request that reached the provider. Timeouts are
-``(connect, read)``: the read timeout is the longest silence between two bytes, not a limit on a whole stream.
-Bodies are read with ``read1`` so each event is relayed the moment it arrives, whatever the upstream's framing.
+The client keeps no cookies (a provider's cookie must never travel with another caller's request), ignores
+proxy variables and ``.netrc``, follows no redirect, and retries only failed *connections*, never a request
+that reached the provider. Timeouts are ``(connect, read)``: the read timeout is the longest silence between
+two reads, not a limit on a whole stream. Bodies are read with ``read1`` so each event is relayed the moment
+it arrives, whatever the upstream's framing.
 
 A connection goes back to its pool (kept alive for the next request) only after its answer was read to the
 end; an answer abandoned half-way (the caller hung up, a cut) closes it, so the provider stops generating.
@@ -19,75 +18,36 @@ end; an answer abandoned half-way (the caller hung up, a cut) closes it, so the 
 from __future__ import annotations
 
 import logging
-import os
 import socket
-import threading
 from typing import Iterator
+from urllib.parse import urlsplit
 
-import urllib3
-from urllib3.exceptions import HTTPError
-from urllib3.exceptions import TimeoutError as Urllib3Timeout
-from urllib3.util.retry import Retry
-
-from . import onewrite
+from . import http1
 from .catalog import Model
 from .errors import UpstreamError
 from .errors import UpstreamTimeout
 
 log = logging.getLogger("boundless")
 
-_READ_SIZE = 65536
-
-#: What the gateway holds of an upstream answer: urllib3's response, body not yet read.
-Response = urllib3.BaseHTTPResponse
-
-#: Reconnect twice on a failed *connection*; never resend a request that reached the provider.
-_RETRY = Retry(total=2, connect=2, read=0, status=0, redirect=0, other=0, backoff_factor=0.1,
-               raise_on_status=False, raise_on_redirect=False)
-
-
-def _ca_certs() -> str | None:
-    """The CA bundle ``requests`` would use (certifi), so HTTPS providers are trusted exactly as before."""
-    try:
-        import certifi
-    except ImportError:          # the system's store, through ssl's default context
-        return None
-    return certifi.where()
-
-
-class _Pool(urllib3.HTTPConnectionPool):
-    ConnectionCls = onewrite.HTTPConnection       # head and body in one write
-
-
-class _TLSPool(urllib3.HTTPSConnectionPool):
-    ConnectionCls = onewrite.HTTPSConnection
+#: What the gateway holds of an upstream answer: its status and headers, body not yet read.
+Response = http1.Response
 
 
 class UpstreamClient:
     """Opens requests to providers; safe to share between the threads (or greenlets) of one process."""
 
     def __init__(self, connect_timeout: float = 5.0, read_timeout: float = 300.0, pool_size: int = 1024) -> None:
-        self.timeout = urllib3.Timeout(connect=connect_timeout, read=read_timeout)
         #: Idle keep-alive connections kept per provider; more in flight than this are opened and then closed.
         self.pool_size = pool_size
-        self._manager: urllib3.PoolManager | None = None
-        self._pools: dict[str, tuple[urllib3.HTTPConnectionPool, str]] = {}
-        self._pid = 0
-        self._lock = threading.Lock()
+        self._http = http1.Client(connect_timeout, read_timeout, pool_size)
+        #: (url, stream, provider key) -> (origin, the request head up to the Content-Length value)
+        self._heads: dict[tuple, tuple[tuple[str, str, int], bytes]] = {}
 
-    def _pool(self, url: str) -> tuple[urllib3.HTTPConnectionPool, str]:
-        """The pool for ``url``'s origin and the request target, made once per process and URL."""
-        if self._pid != os.getpid():          # never use sockets inherited across a fork
-            with self._lock:
-                if self._pid != os.getpid():
-                    self._manager = urllib3.PoolManager(num_pools=64, maxsize=self.pool_size, block=False,
-                                                        ca_certs=_ca_certs())
-                    self._manager.pool_classes_by_scheme = {"http": _Pool, "https": _TLSPool}
-                    self._pools, self._pid = {}, os.getpid()
-        found = self._pools.get(url)
+    def _head(self, model: Model, stream: bool, key: str | None) -> tuple[tuple[str, str, int], bytes]:
+        provider = model.provider
+        found = self._heads.get((provider.chat_url, stream, key))
         if found is None:
-            parsed = urllib3.util.parse_url(url)
-            found = self._pools[url] = (self._manager.connection_from_url(url), parsed.request_uri)
+            found = self._heads[(provider.chat_url, stream, key)] = _request_head(provider, stream, key)
         return found
 
     def open(self, model: Model, payload: bytes, stream: bool) -> Response:
@@ -97,25 +57,38 @@ class UpstreamClient:
         :raise UpstreamError: the provider refused the connection or broke the protocol.
         """
         provider = model.provider
-        headers = {"Content-Type": "application/json", "Accept-Encoding": "identity",
-                   "Accept": "text/event-stream" if stream else "application/json",
-                   "User-Agent": "boundless/0.1", **provider.headers}
-        key = provider.api_key()
-        if key:
-            headers["Authorization"] = f"Bearer {key}"
-        pool, target = self._pool(provider.chat_url)
+        origin, head = self._head(model, stream, provider.api_key())
         try:
-            return pool.urlopen("POST", target, body=payload, headers=headers, retries=_RETRY, redirect=False,
-                                timeout=self.timeout, preload_content=False, decode_content=True,
-                                release_conn=False)
-        except HTTPError as err:
-            if isinstance(err, urllib3.exceptions.MaxRetryError) and err.reason is not None:
-                err = err.reason
-            # NewConnectionError (refused, unresolvable) subclasses ConnectTimeoutError for history's sake.
-            if isinstance(err, Urllib3Timeout) and not isinstance(err, urllib3.exceptions.NewConnectionError):
-                raise UpstreamTimeout(f"The provider {provider.name!r} did not answer in time.") from err
+            return self._http.pool(*origin).post(b"%s%d\r\n\r\n" % (head, len(payload)), payload)
+        except (http1.ConnectTimedOut, http1.ReadTimedOut) as err:
+            raise UpstreamTimeout(f"The provider {provider.name!r} did not answer in time.") from err
+        except http1.HTTPError as err:
             log.warning("upstream %s unreachable: %s", provider.name, type(err).__name__)
             raise UpstreamError(f"The provider {provider.name!r} could not be reached.") from err
+
+
+def _request_head(provider, stream: bool, key: str | None) -> tuple[tuple[str, str, int], bytes]:
+    """The origin of the provider's chat URL and the head of a request to it, up to its Content-Length value."""
+    url = urlsplit(provider.chat_url)
+    scheme = url.scheme.lower()
+    if scheme not in ("http", "https") or not url.hostname:
+        raise UpstreamError(f"The provider {provider.name!r} has an unusable URL.")
+    port = url.port or (443 if scheme == "https" else 80)
+    host = url.netloc.rpartition("@")[2]
+    if (scheme, port) in (("http", 80), ("https", 443)):
+        host = host.rsplit(":", 1)[0] if not host.endswith("]") else host
+    target = (url.path or "/") + (f"?{url.query}" if url.query else "")
+    headers = {"Host": host, "Content-Type": "application/json", "Accept-Encoding": "identity",
+               "Accept": "text/event-stream" if stream else "application/json",
+               "User-Agent": "boundless/0.1", **provider.headers}
+    if key:
+        headers["Authorization"] = f"Bearer {key}"
+    lines = [f"POST {target} HTTP/1.1"] + [f"{name}: {value}" for name, value in headers.items()]
+    for line in lines:
+        if "\r" in line or "\n" in line or "\0" in line:      # a header value that would split the request
+            raise UpstreamError(f"The provider {provider.name!r} has an invalid header or URL.")
+    head = "\r\n".join(lines) + "\r\nContent-Length: "
+    return (scheme, url.hostname, port), head.encode("latin-1")
 
 
 def read_body(resp: Response, provider: str) -> bytes:
@@ -131,30 +104,24 @@ def read_body(resp: Response, provider: str) -> bytes:
 
 def iter_raw(resp: Response, provider: str) -> Iterator[bytes]:
     """Yield the body's bytes as they arrive (decoded if the provider compressed anyway)."""
-    # Without a Content-Encoding (we ask for identity), skip urllib3's decoder and its buffer: per read that
-    # is most of urllib3's cost, and a stream makes one read per event.
-    decode = resp.headers.get("Content-Encoding", "identity").strip().lower() not in ("", "identity")
     try:
-        while data := resp.read1(_READ_SIZE, decode_content=decode):
+        while data := resp.read1():
             yield data
-    except urllib3.exceptions.ReadTimeoutError as err:
+    except http1.ReadTimedOut as err:
         raise UpstreamTimeout(f"The provider {provider!r} went silent for too long.") from err
-    except (HTTPError, OSError, ValueError) as err:
+    except http1.HTTPError as err:
         raise UpstreamError(f"The connection to the provider {provider!r} broke mid-answer.") from err
 
 
 def close(resp: Response, complete: bool) -> None:
     """Done with an answer: keep its connection for the next request if it was read to the end (and the
     provider did not ask to close it), else close the connection."""
-    if not complete or resp.headers.get("Connection", "").lower() == "close":
-        resp.close()
-    resp.release_conn()
+    resp.release(reuse=complete)
 
 
 def shutdown(resp: Response) -> None:
     """Shut the answer's socket down from another thread: a relay blocked reading it wakes up at once."""
-    conn = resp.connection
-    sock = getattr(conn, "sock", None)
+    sock = resp.sock
     if sock is not None:
         try:
             sock.shutdown(socket.SHUT_RDWR)

@@ -1,20 +1,20 @@
 """app.onewrite: each HTTP message of both hops leaves in one write (head with the first body bytes).
 
-The upstream side is checked at the socket: a recorder around the real socket of a real connection to a real
-HTTP server counts the writes. The caller side is checked over TCP against the gateway under gunicorn: a
+The upstream side (app/http1.py) is checked at the socket: a recorder around the real socket of a real
+connection to a real HTTP server counts the writes. The caller side is checked over TCP against the gateway under gunicorn: a
 message written in one send() arrives whole in the client's first recv() on loopback; a head written on its
 own arrives alone (the client is already blocked in recv() when it lands).
 """
 from __future__ import annotations
 
 import http.server
-import io
 import json
 import socket
 import threading
 
 import pytest
 
+from app import http1
 from app import onewrite
 
 
@@ -62,46 +62,23 @@ class _Recorder:
         return getattr(self._sock, name)
 
 
-def _connection(port: int) -> tuple[onewrite.HTTPConnection, _Recorder]:
-    conn = onewrite.HTTPConnection("127.0.0.1", port)
-    conn.connect()
+def test_a_request_is_one_write(echo):
+    pool = http1.Pool("127.0.0.1", echo, None, 5.0, 5.0, 4)
+    conn, reused = pool.get()
     conn.sock = rec = _Recorder(conn.sock)
-    return conn, rec
-
-
-def test_a_request_with_a_body_is_one_write(echo):
-    conn, rec = _connection(echo)
+    pool.put(conn)
     for n in range(3):                          # and again on the kept-alive connection
         body = json.dumps({"n": n, "messages": [{"role": "user", "content": "hi"}]}).encode()
         rec.writes.clear()
-        conn.request("POST", "/v1/chat/completions", body=body, headers={"Content-Type": "application/json"})
+        resp = pool.post(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n"
+                         % len(body), body)
+        assert resp.connection is conn
         assert len(rec.writes) == 1, rec.writes
         assert rec.writes[0].startswith(b"POST /v1/chat/completions HTTP/1.1\r\n")
         assert rec.writes[0].endswith(b"\r\n\r\n" + body)
-        resp = conn.getresponse()
-        assert resp.status == 200 and json.loads(resp.data) == {"method": "POST", "got": body.decode()}
-    conn.close()
-
-
-def test_a_request_without_a_body_sends_its_head_alone(echo):
-    conn, rec = _connection(echo)
-    conn.request("GET", "/models")
-    resp = conn.getresponse()                   # the held head went out here
-    assert resp.status == 200 and json.loads(resp.data) == {"method": "GET", "got": ""}
-    assert len(rec.writes) == 1 and rec.writes[0].startswith(b"GET /models HTTP/1.1\r\n")
-    conn.close()
-
-
-def test_a_large_file_body_goes_out_block_by_block_after_its_head(echo):
-    conn, rec = _connection(echo)
-    payload = b"x" * 100_000
-    conn.request("POST", "/upload", body=io.BytesIO(payload), headers={"Content-Length": str(len(payload))})
-    resp = conn.getresponse()
-    assert json.loads(resp.data) == {"method": "POST", "got": payload.decode()}
-    head, _, first_block = rec.writes[0].partition(b"\r\n\r\n")
-    assert head.startswith(b"POST /upload HTTP/1.1\r\n") and 0 < len(first_block) < len(payload)
-    assert len(rec.writes) > 2 and first_block + b"".join(rec.writes[1:]) == payload
-    conn.close()
+        assert resp.status == 200 and json.loads(resp.read()) == {"method": "POST", "got": body.decode()}
+        resp.release()
+    pool.clear()
 
 
 # --------------------------------------------------------------------------- the caller's side, over TCP
