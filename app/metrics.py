@@ -59,6 +59,7 @@ class Metrics:
 
     def __init__(self, registry: CollectorRegistry | None) -> None:
         self.registry = registry
+        self._children: dict[tuple, object] = {}
         kw = {"registry": registry}
         self.requests = Counter(
             "boundless_requests", "HTTP requests by route, method, model and the status the caller got.",
@@ -90,28 +91,38 @@ class Metrics:
             "boundless_credit_refusals", "Requests refused with 402 (insufficient credit) by model.",
             ["model"], **kw)
 
+    def _child(self, family, *labels: str):
+        """``family.labels(*labels)``, looked up once per label set: prometheus-client checks and locks on
+        every ``labels()`` call (~4 µs; a chat request makes six). The label sets are bounded (see above)."""
+        key = (family, labels)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = family.labels(*labels)
+        return child
+
     def record(self, rep: reporting.Report) -> None:
+        child = self._child
         model = rep.model or ""
-        self.requests.labels(rep.route, rep.method, model, str(rep.status)).inc()
+        child(self.requests, rep.route, rep.method, model, str(rep.status)).inc()
         if rep.refused in ("minute", "day"):
-            self.ratelimit_refusals.labels(rep.refused).inc()
+            child(self.ratelimit_refusals, rep.refused).inc()
         elif rep.refused == "credit":
-            self.credit_refusals.labels(model).inc()
+            child(self.credit_refusals, model).inc()
         if rep.outcome is None:
             return
         stream = "true" if rep.stream else "false"
         if rep.latency_ms is not None:
-            self.latency.labels(model, stream).observe(rep.latency_ms / 1000)
+            child(self.latency, model, stream).observe(rep.latency_ms / 1000)
         if rep.ttfb_ms is not None:
-            self.ttfb.labels(model, stream).observe(rep.ttfb_ms / 1000)
+            child(self.ttfb, model, stream).observe(rep.ttfb_ms / 1000)
         if rep.prompt_tokens:
-            self.prompt_tokens.labels(model).inc(rep.prompt_tokens)
+            child(self.prompt_tokens, model).inc(rep.prompt_tokens)
         if rep.completion_tokens:
-            self.completion_tokens.labels(model).inc(rep.completion_tokens)
+            child(self.completion_tokens, model).inc(rep.completion_tokens)
         if rep.charge:
-            self.credits.labels(model).inc(rep.charge / MICRO)
+            child(self.credits, model).inc(rep.charge / MICRO)
         if rep.outcome in UPSTREAM_FAILURES:
-            self.upstream_errors.labels(rep.provider or "", rep.outcome).inc()
+            child(self.upstream_errors, rep.provider or "", rep.outcome).inc()
 
 
 def _ensure_multiprocess_values() -> None:
