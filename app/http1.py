@@ -187,16 +187,19 @@ class Response:
         size = 0
         while size < n:
             if self._crlf:                       # the CRLF after a chunk's data
-                if len(conn.buf) < 2 and (parts or not self._fill(2)):
-                    break
+                if len(conn.buf) < 2:
+                    if parts:
+                        break
+                    self._fill(2)
                 if conn.buf[:2] != b"\r\n":
                     raise ProtocolError("a chunk's data is not followed by CRLF")
                 conn.buf, self._crlf = conn.buf[2:], False
             if self._left == 0:                  # a chunk header: size in hex, maybe ;extensions
                 end = conn.buf.find(b"\r\n")
                 if end < 0:
-                    if parts or not self._fill_line():
+                    if parts:
                         break
+                    self._fill_line()
                     end = conn.buf.find(b"\r\n")
                 chunk = _chunk_size(conn.buf[:end])
                 if chunk == 0:                    # the last chunk, then trailer fields and a blank line
@@ -224,26 +227,22 @@ class Response:
                 break
         return parts[0] if len(parts) == 1 else b"".join(parts)
 
-    def _fill(self, want: int) -> bool:
-        """Read until ``want`` bytes are buffered; False only never (EOF raises)."""
-        conn = self.connection
-        while len(conn.buf) < want:
-            data = conn.recv()
-            if not data:
-                raise ProtocolError("the connection closed in the middle of a chunked body")
-            conn.buf += data
-        return True
+    def _more(self) -> None:
+        """Add the server's next bytes to the buffer; in the middle of a chunked body a close is an error."""
+        data = self.connection.recv()
+        if not data:
+            raise ProtocolError("the connection closed in the middle of a chunked body")
+        self.connection.buf += data
 
-    def _fill_line(self) -> bool:
-        conn = self.connection
-        while b"\r\n" not in conn.buf:
-            if len(conn.buf) > MAX_HEAD:
+    def _fill(self, want: int) -> None:
+        while len(self.connection.buf) < want:
+            self._more()
+
+    def _fill_line(self) -> None:
+        while b"\r\n" not in self.connection.buf:
+            if len(self.connection.buf) > MAX_HEAD:
                 raise ProtocolError("a chunk header is too long")
-            data = conn.recv()
-            if not data:
-                raise ProtocolError("the connection closed in the middle of a chunked body")
-            conn.buf += data
-        return True
+            self._more()
 
     def _skip_trailers(self) -> None:
         conn = self.connection
