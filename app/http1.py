@@ -468,16 +468,31 @@ class Pool:
             return Response(self, conn, version, status, reason, headers)
 
 
+def original_poll():
+    """The C ``select.poll`` even where gevent patched it: with a zero timeout it never blocks, and gevent's
+    stand-in would need a turn of the event loop to see anything. (Not ``select``: a busy worker's descriptors
+    pass its limit of 1,024.)"""
+    try:
+        from gevent.monkey import get_original
+    except ImportError:
+        return select.poll
+    return get_original("select", "poll")
+
+
+_poll = original_poll()
+
+
 def _alive(sock: socket.socket) -> bool:
     """Whether an idle kept-alive connection can take a request: not readable (a readable idle socket has
     been closed by the server, or holds bytes nobody asked for)."""
     try:
         if isinstance(sock, ssl.SSLSocket) and sock.pending():
             return False
-        readable, _, _ = select.select([sock], [], [], 0)
+        poller = _poll()
+        poller.register(sock.fileno(), select.POLLIN | select.POLLPRI)
+        return not poller.poll(0)
     except (OSError, ValueError):
         return False
-    return not readable
 
 
 class Client:

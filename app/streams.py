@@ -19,6 +19,7 @@ import threading
 import time
 from typing import Callable
 
+from .http1 import original_poll
 from .upstream import shutdown
 
 log = logging.getLogger("boundless")
@@ -98,17 +99,7 @@ class OpenStreams:
                 shutdown(resp)
 
 
-def _original_poll():
-    """The C ``select.poll`` even where gevent patched it: with a zero timeout it never blocks, and gevent's
-    stand-in would need a turn of the event loop to see anything."""
-    try:
-        from gevent.monkey import get_original
-    except ImportError:
-        return select.poll
-    return get_original("select", "poll")
-
-
-_poll = _original_poll()
+_poll = original_poll()
 _GONE = select.POLLHUP | select.POLLERR | select.POLLNVAL
 
 

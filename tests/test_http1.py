@@ -4,6 +4,7 @@ on the wire, as the gateway meets them."""
 from __future__ import annotations
 
 import gzip
+import os
 import shutil
 import socket
 import ssl
@@ -448,3 +449,29 @@ def test_any_split_of_any_chunked_body_reads_the_same():
             out.append(piece)
         assert b"".join(out) == b"".join(data), case
         assert resp.complete and conn.buf == b"" and conn.pieces == [], case
+
+
+def test_a_kept_connection_on_a_descriptor_above_1024_is_still_reused(server):
+    """A busy worker (1,000 open streams) has descriptors beyond select()'s limit: the idle check must work
+    there too, or every call would open a new connection."""
+    import resource
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < 2100:
+        pytest.skip("needs a descriptor limit above 2,100")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, 2100), hard))
+    try:
+        server.answers = [[_json(b"{}")], [_json(b'{"n":2}')]]
+        pool = _pool(server.port)
+        conn, _ = pool.get()
+        high = socket.socket(fileno=os.dup2(conn.sock.fileno(), 2000))
+        conn.sock.close()
+        conn.sock = high
+        high.settimeout(5.0)
+        pool.put(conn)
+        for expected in (b"{}", b'{"n":2}'):
+            resp = pool.post(*_request())
+            assert resp.connection is conn and resp.read() == expected
+            resp.release()
+        assert server.connections == 1
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
