@@ -24,6 +24,7 @@ from urllib.parse import urlsplit
 
 from . import http1
 from .catalog import Model
+from .catalog import Provider
 from .errors import UpstreamError
 from .errors import UpstreamTimeout
 
@@ -40,14 +41,14 @@ class UpstreamClient:
         #: Idle keep-alive connections kept per provider; more in flight than this are opened and then closed.
         self.pool_size = pool_size
         self._http = http1.Client(connect_timeout, read_timeout, pool_size)
-        #: (url, stream, provider key) -> (origin, the request head up to the Content-Length value)
+        #: (provider name, stream, provider key) -> (origin, the request head up to the Content-Length value);
+        #: the name, not the URL: two providers may share a URL and differ in their headers.
         self._heads: dict[tuple, tuple[tuple[str, str, int], bytes]] = {}
 
-    def _head(self, model: Model, stream: bool, key: str | None) -> tuple[tuple[str, str, int], bytes]:
-        provider = model.provider
-        found = self._heads.get((provider.chat_url, stream, key))
+    def _head(self, provider: Provider, stream: bool, key: str | None) -> tuple[tuple[str, str, int], bytes]:
+        found = self._heads.get((provider.name, stream, key))
         if found is None:
-            found = self._heads[(provider.chat_url, stream, key)] = _request_head(provider, stream, key)
+            found = self._heads[(provider.name, stream, key)] = _request_head(provider, stream, key)
         return found
 
     def open(self, model: Model, payload: bytes, stream: bool) -> Response:
@@ -57,7 +58,7 @@ class UpstreamClient:
         :raise UpstreamError: the provider refused the connection or broke the protocol.
         """
         provider = model.provider
-        origin, head = self._head(model, stream, provider.api_key())
+        origin, head = self._head(provider, stream, provider.api_key())
         try:
             return self._http.pool(*origin).post(b"%s%d\r\n\r\n" % (head, len(payload)), payload)
         except (http1.ConnectTimedOut, http1.ReadTimedOut) as err:
@@ -67,7 +68,7 @@ class UpstreamClient:
             raise UpstreamError(f"The provider {provider.name!r} could not be reached.") from err
 
 
-def _request_head(provider, stream: bool, key: str | None) -> tuple[tuple[str, str, int], bytes]:
+def _request_head(provider: Provider, stream: bool, key: str | None) -> tuple[tuple[str, str, int], bytes]:
     """The origin of the provider's chat URL and the head of a request to it, up to its Content-Length value."""
     url = urlsplit(provider.chat_url)
     scheme = url.scheme.lower()
