@@ -119,6 +119,7 @@ class RateLimiter:
         self.uri = storage_uri
         self.tz = zoneinfo.ZoneInfo(day_timezone)
         self.clock = clock
+        self._today: tuple[str, float, float] | None = None
         self._memcached = isinstance(self.storage, MemcachedStorage)
         self._pair = isinstance(self.storage, SQLiteStorage)
 
@@ -126,15 +127,23 @@ class RateLimiter:
     def in_memory(self) -> bool:
         return isinstance(self.storage, MemoryStorage)
 
+    def _day(self, now: float) -> tuple[str, float, float]:
+        """(date, start, end) of the local day holding ``now``: worked out with the zone's rules once a day,
+        not per request (~6 µs each), and anew whenever ``now`` is outside the kept day (also backwards)."""
+        day = self._today
+        if day is None or not day[1] <= now < day[2]:
+            date = datetime.datetime.fromtimestamp(now, self.tz).date()
+            start = datetime.datetime.combine(date, datetime.time(), tzinfo=self.tz)
+            end = datetime.datetime.combine(date + datetime.timedelta(days=1), datetime.time(), tzinfo=self.tz)
+            day = self._today = (date.isoformat(), start.timestamp(), end.timestamp())
+        return day
+
     def _windows(self, key_id: int) -> tuple[str, str, float, float]:
         now = self.clock()
-        local = datetime.datetime.fromtimestamp(now, self.tz)
-        midnight = datetime.datetime.combine(local.date() + datetime.timedelta(days=1), datetime.time(),
-                                             tzinfo=self.tz)
-        reset_day = midnight.timestamp() - now
+        date, _, midnight = self._day(now)
         minute = int(now // 60)
-        return (f"boundless/{key_id}/m/{minute}", f"boundless/{key_id}/d/{local.date().isoformat()}",
-                60 - (now - minute * 60), reset_day)
+        return (f"boundless/{key_id}/m/{minute}", f"boundless/{key_id}/d/{date}",
+                60 - (now - minute * 60), midnight - now)
 
     def _incr(self, key: str, expiry: float) -> int:
         if self._memcached:    # we never read memcached expiries, so skip limits' extra "/expires" write

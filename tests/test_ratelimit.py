@@ -346,6 +346,18 @@ def test_the_day_follows_the_zone_not_utc(uri):
     assert rl.hit(1, 100, 1).refused == "day"
 
 
+def test_a_clock_set_back_counts_in_the_earlier_day_again(uri):
+    """The limiter keeps the current local day between requests; a clock set back (NTP, an operator) must
+    land in the right day's window, not the kept one."""
+    rl, clock = limiter(uri, ts("Asia/Shanghai", 2024, 3, 11, 0, 30), "Asia/Shanghai")
+    assert rl.hit(1, 100, 1).refused is None                                     # the 11th: its one request
+    clock.t = ts("Asia/Shanghai", 2024, 3, 10, 23, 59)
+    d = rl.hit(1, 100, 1)
+    assert d.refused is None and d.reset_rpd == pytest.approx(60)                # the 10th: a fresh day
+    clock.t = ts("Asia/Shanghai", 2024, 3, 11, 8, 0)
+    assert rl.hit(1, 100, 1).refused == "day"                                    # the 11th's count was kept
+
+
 def test_sqlite_limiter_rejects_a_storage_without_a_file():
     with pytest.raises(ConfigurationError, match="BOUNDLESS_RATELIMIT_STORAGE"):
         RateLimiter("sqlite:///:memory:")
