@@ -9,6 +9,9 @@ From the repository root::
   difference is what the storage adds.
 * **Credit**: ``billing.reserve`` + ``billing.settle`` of a paid request (the two transactions every paid request
   runs) on SQLite and PostgreSQL (MariaDB too when it is up).
+* **Upstream call**: one JSON chat request and its answer through ``app.upstream`` (``UpstreamClient.open`` +
+  ``read_body``, kept-alive connection) against the mock upstream, next to the same bytes exchanged on a bare
+  socket, so the difference is what the HTTP client adds.
 
 Each figure is the median and the 99th percentile of single calls, in microseconds, from one thread (a request
 pays it once; contention between concurrent requests is what ``bench.run`` measures). Memcached is started on a
@@ -139,6 +142,45 @@ def billing_rows(tmp: Path, n: int) -> list[tuple[str, float, float]]:
     return rows
 
 
+def upstream_rows(tmp: Path, n: int) -> list[tuple[str, float, float]]:
+    from app.upstream import UpstreamClient
+    from app.upstream import read_body
+    from bench import targets
+
+    (tmp / "procs").mkdir(exist_ok=True)
+    procs = targets.Processes(tmp / "procs", None)
+    try:
+        _, port = targets.start_mock(procs)
+        model = Model(id="bench", provider=Provider("mock", f"http://127.0.0.1:{port}/v1", None),
+                      upstream_model="mock-model", owned_by="bench")
+        client = UpstreamClient()
+        payload = RAW.replace(b"bench-paid", b"mock-model")
+
+        def gateway_client() -> None:
+            read_body(client.open(model, payload, False), "mock")
+
+        sock = socket.create_connection(("127.0.0.1", port))
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        request = (b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                   b"Content-Length: %d\r\n\r\n%s" % (len(payload), payload))
+
+        def bare_socket() -> None:                   # the same exchange, parsed as little as possible
+            sock.sendall(request)
+            buf = sock.recv(65536)
+            while (end := buf.find(b"\r\n\r\n")) < 0:
+                buf += sock.recv(65536)
+            length = int(buf[:end].lower().split(b"content-length:")[1].split(b"\r\n")[0])
+            while len(buf) - end - 4 < length:
+                buf += sock.recv(65536)
+
+        rows = [("bare socket (the mock and loopback)", *timed(bare_socket, n)),
+                ("app.upstream (app/http1.py)", *timed(gateway_client, n))]
+        sock.close()
+        return rows
+    finally:
+        procs.close()
+
+
 def table(title: str, rows: list[tuple[str, float, float]], baseline: float | None = None) -> str:
     out = [f"| {title} | median µs | p99 µs |" + (" added median µs |" if baseline is not None else ""),
            "|---|---:|---:|" + ("---:|" if baseline is not None else "")]
@@ -158,9 +200,12 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         limits = limiter_rows(Path(tmp), args.n)
         credit = billing_rows(Path(tmp), args.n)
+        upstream = upstream_rows(Path(tmp), args.n)
     print(table("limiter: one request counted (RPM + RPD)", limits, baseline=limits[0][1]))
     print()
     print(table("credit: reserve + settle of one paid request", credit))
+    print()
+    print(table("upstream: one JSON call and its answer", upstream, baseline=upstream[0][1]))
 
 
 if __name__ == "__main__":
