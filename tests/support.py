@@ -4,6 +4,9 @@ it talks to (a fake upstream on 127.0.0.1, memcached, PostgreSQL, MariaDB, Redis
 """
 from __future__ import annotations
 
+import contextlib
+import http.server
+import json
 import os
 import shutil
 import signal
@@ -11,6 +14,7 @@ import socket
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -32,6 +36,39 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+class _Echo(http.server.BaseHTTPRequestHandler):
+    """Answers every GET and POST with what it received, as JSON: method, path, headers, body."""
+
+    protocol_version = "HTTP/1.1"
+
+    def _answer(self) -> None:
+        body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        out = json.dumps({"method": self.command, "path": self.path, "headers": dict(self.headers),
+                          "body": body.decode()}).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(out)))
+        self.end_headers()
+        self.wfile.write(out)
+
+    do_GET = do_POST = _answer
+
+    def log_message(self, *args) -> None:
+        pass
+
+
+@contextlib.contextmanager
+def echo_server():
+    """A plain HTTP/1.1 server on 127.0.0.1 that echoes each request (see ``_Echo``); yields its port."""
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Echo)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield server.server_address[1]
+    finally:
+        server.shutdown()
+        server.server_close()
 
 
 def wait_port(port: int, timeout: float = 15.0) -> None:

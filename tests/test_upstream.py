@@ -2,10 +2,8 @@
 transport's failures become the gateway's errors."""
 from __future__ import annotations
 
-import http.server
 import json
 import socket
-import threading
 
 import pytest
 
@@ -15,32 +13,13 @@ from app.errors import UpstreamError
 from app.errors import UpstreamTimeout
 from app.upstream import UpstreamClient
 from app.upstream import read_body
-
-
-class _Echo(http.server.BaseHTTPRequestHandler):
-    """Answers every POST with what it received: path, headers, body."""
-
-    protocol_version = "HTTP/1.1"
-
-    def do_POST(self) -> None:
-        body = self.rfile.read(int(self.headers["Content-Length"]))
-        out = json.dumps({"path": self.path, "headers": dict(self.headers), "body": body.decode()}).encode()
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(out)))
-        self.end_headers()
-        self.wfile.write(out)
-
-    def log_message(self, *args) -> None:
-        pass
+from support import echo_server
 
 
 @pytest.fixture(scope="module")
 def echo():
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Echo)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield server.server_address[1]
-    server.shutdown()
+    with echo_server() as port:
+        yield port
 
 
 def _model(provider: Provider) -> Model:
