@@ -38,8 +38,7 @@ class UpstreamClient:
     """Opens requests to providers; safe to share between the threads (or greenlets) of one process."""
 
     def __init__(self, connect_timeout: float = 5.0, read_timeout: float = 300.0, pool_size: int = 1024) -> None:
-        #: Idle keep-alive connections kept per provider; more in flight than this are opened and then closed.
-        self.pool_size = pool_size
+        # pool_size: idle keep-alive connections kept per provider; more in flight are opened, then closed.
         self._http = http1.Client(connect_timeout, read_timeout, pool_size)
         #: (provider name, stream, provider key) -> (origin, the request head up to the Content-Length value);
         #: the name, not the URL: two providers may share a URL and differ in their headers.

@@ -13,7 +13,7 @@ Per-request work in gunicorn itself that a worker can do once, installed by :fun
 * **The Date header made once per second.** gunicorn formats it through ``email.utils.formatdate`` for every
   response; its value only changes once a second.
 
-In the JSON profile these were ~3.5 % of a worker's CPU (docs/benchmarks.md).
+In the JSON profile these were 3.9 % of a worker's CPU (docs/benchmarks.md).
 """
 from __future__ import annotations
 
