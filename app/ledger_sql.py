@@ -14,7 +14,9 @@ from __future__ import annotations
 
 from peewee import Database
 
-_CACHE: dict[int, "Statements"] = {}
+#: The attribute of a peewee database that holds its statements (on the object itself: a cache keyed by
+#: ``id()`` handed a freed database's statements to a new one made at the same address, of another dialect).
+_ATTR = "_boundless_statements"
 
 
 class Statements:
@@ -51,7 +53,8 @@ class Statements:
 def statements(database: Database) -> Statements:
     """The statements for ``database`` (a peewee database or the proxy's current one), built once."""
     database = getattr(database, "obj", database)
-    stmts = _CACHE.get(id(database))
+    stmts = getattr(database, _ATTR, None)
     if stmts is None:
-        stmts = _CACHE[id(database)] = Statements(database)
+        stmts = Statements(database)
+        setattr(database, _ATTR, stmts)
     return stmts
