@@ -233,8 +233,8 @@ class Background:
     def __init__(self, gw: Gateway, key: str, least: int = 10) -> None:
         self.gw, self.key, self.least = gw, key, least
         self.results: list[int | str] = []
-        #: (monotonic start, monotonic end) of each request, in the order of ``results``.
-        self.times: list[tuple[float, float]] = []
+        #: When each request was sent (monotonic), in the order of ``results``.
+        self.sent: list[float] = []
         self._stop = threading.Event()
         self._deadline = math.inf
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -243,18 +243,17 @@ class Background:
         http = session()
         raw = chat_body("still there?", model="free-model")
         while not (self._stop.is_set() and len(self.results) >= self.least) and time.monotonic() < self._deadline:
-            started = time.monotonic()
+            self.sent.append(time.monotonic())
             try:
                 self.results.append(post(self.gw, self.key, raw, http=http, timeout=10).status_code)
             except requests.RequestException as err:
                 self.results.append(type(err).__name__)
-            self.times.append((started, time.monotonic()))
             if not self._stop.is_set():
                 self._stop.wait(0.1)
 
-    def started_after(self, t: float) -> list[int | str]:
+    def sent_after(self, t: float) -> list[int | str]:
         """The results of the requests sent at or after monotonic time ``t``."""
-        return [r for r, (start, _) in zip(self.results, self.times) if start >= t]
+        return [r for r, sent in zip(self.results, self.sent) if sent >= t]
 
     def __enter__(self) -> "Background":
         self._thread.start()
@@ -493,7 +492,7 @@ def test_kill_9_of_a_worker_mid_stream(cluster, mock):
             time.sleep(0.2)
         assert not (worker_pids(a.proc.pid) & workers)
     # B kept serving: every request answered, those sent after A's workers were killed too.
-    assert background.started_after(killed), "B sent nothing after A's workers were killed"
+    assert background.sent_after(killed), "B sent nothing after A's workers were killed"
     assert len(background.results) >= 10 and set(background.results) == {200}, background.results
 
 
