@@ -12,18 +12,18 @@ from flask import Flask
 
 from . import catalog
 from . import errors
-from . import forwarded
-from . import health
-from . import logs
-from . import metrics
-from . import models
-from . import schema
+from .server import forwarded
+from .server import health
+from .server import logs
+from .server import metrics
+from .store import models
+from .store import schema
 from .keys import KeyCache
-from .ratelimit import RateLimiter
+from .limits.ratelimit import RateLimiter
 from .settings import default_ratelimit_storage
 from .settings import from_env
 from .state import State
-from .upstream import UpstreamClient
+from .upstream.client import UpstreamClient
 
 
 def create_app(test_config: dict | None = None) -> Flask:

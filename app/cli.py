@@ -17,18 +17,18 @@ from peewee import Case
 from peewee import fn
 
 from . import keys as keyadmin
-from . import schema
+from .store import schema
 from .catalog import Catalog
 from .catalog import load as load_catalog
-from .credits import to_credits
-from .lifecycle import settle_owner
-from .lifecycle import settle_silent
+from .accounting.credits import to_credits
+from .server.lifecycle import settle_owner
+from .server.lifecycle import settle_silent
 from .errors import ConfigurationError
-from .models import ApiKey
-from .models import Usage
-from .models import db
-from .models import backup_sqlite
-from .models import make_database
+from .store.models import ApiKey
+from .store.models import Usage
+from .store.models import db
+from .store.models import backup_sqlite
+from .store.models import make_database
 from .settings import ROOT
 from .settings import from_env
 

@@ -20,12 +20,12 @@ from decimal import Decimal
 
 from peewee import IntegrityError
 
-from .credits import to_micro
+from .accounting.credits import to_micro
 from .errors import ConfigurationError
-from .models import ApiKey
-from .models import CreditEntry
-from .models import db
-from .models import utcnow
+from .store.models import ApiKey
+from .store.models import CreditEntry
+from .store.models import db
+from .store.models import utcnow
 
 PREFIX_LEN = 8
 

@@ -15,9 +15,9 @@ from flask import current_app
 
 from .catalog import Catalog
 from .keys import KeyCache
-from .ratelimit import RateLimiter
-from .streams import OpenStreams
-from .upstream import UpstreamClient
+from .limits.ratelimit import RateLimiter
+from .upstream.streams import OpenStreams
+from .upstream.client import UpstreamClient
 
 
 @dataclass

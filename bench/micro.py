@@ -9,7 +9,7 @@ From the repository root::
   difference is what the storage adds.
 * **Credit**: ``billing.reserve`` + ``billing.settle`` of a paid request (the two transactions every paid request
   runs) on SQLite and PostgreSQL (MariaDB too when it is up).
-* **Upstream call**: one JSON chat request and its answer through ``app.upstream`` (``UpstreamClient.open`` +
+* **Upstream call**: one JSON chat request and its answer through ``app.upstream.client`` (``UpstreamClient.open`` +
   ``read_body``, kept-alive connection) against the mock upstream, next to the same bytes exchanged on a bare
   socket, so the difference is what the HTTP client adds.
 
@@ -31,15 +31,15 @@ import uuid
 from decimal import Decimal
 from pathlib import Path
 
-from app import billing
-from app import schema
-from app.billing import Outcome
+from app.accounting import billing
+from app.store import schema
+from app.accounting.billing import Outcome
 from app.catalog import Model
 from app.catalog import Provider
-from app.models import ApiKey
-from app.models import db
-from app.models import make_database
-from app.ratelimit import RateLimiter
+from app.store.models import ApiKey
+from app.store.models import db
+from app.store.models import make_database
+from app.limits.ratelimit import RateLimiter
 
 MODEL = Model(id="bench-paid", provider=Provider("mock", "http://127.0.0.1:9/v1", None), upstream_model="m",
               owned_by="bench", input_price=Decimal(1), output_price=Decimal(2))
@@ -143,8 +143,8 @@ def billing_rows(tmp: Path, n: int) -> list[tuple[str, float, float]]:
 
 
 def upstream_rows(tmp: Path, n: int) -> list[tuple[str, float, float]]:
-    from app.upstream import UpstreamClient
-    from app.upstream import read_body
+    from app.upstream.client import UpstreamClient
+    from app.upstream.client import read_body
     from bench import targets
 
     (tmp / "procs").mkdir(exist_ok=True)
@@ -174,7 +174,7 @@ def upstream_rows(tmp: Path, n: int) -> list[tuple[str, float, float]]:
                 buf += sock.recv(65536)
 
         rows = [("bare socket (the mock and loopback)", *timed(bare_socket, n)),
-                ("app.upstream (app/http1.py)", *timed(gateway_client, n))]
+                ("app.upstream.client (app/upstream/http1.py)", *timed(gateway_client, n))]
         sock.close()
         return rows
     finally:

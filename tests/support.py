@@ -298,11 +298,11 @@ def ledger_check(database_url: str) -> dict:
     charges = spent; return {key name: (balance, spent)} in micro-credits."""
     from peewee import fn
 
-    from app.models import ApiKey
-    from app.models import CreditEntry
-    from app.models import Usage
-    from app.models import db
-    from app.models import make_database
+    from app.store.models import ApiKey
+    from app.store.models import CreditEntry
+    from app.store.models import Usage
+    from app.store.models import db
+    from app.store.models import make_database
 
     db.initialize(make_database(database_url))
     out = {}

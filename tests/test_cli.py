@@ -19,13 +19,13 @@ import pytest
 import requests
 
 from app import keys as keyadmin
-from app import schema
-from app.credits import to_credits
-from app.models import ApiKey
-from app.models import CreditEntry
-from app.models import Usage
-from app.models import db
-from app.models import make_database
+from app.store import schema
+from app.accounting.credits import to_credits
+from app.store.models import ApiKey
+from app.store.models import CreditEntry
+from app.store.models import Usage
+from app.store.models import db
+from app.store.models import make_database
 from support import BIN
 from support import PROVIDER_KEY
 from support import ledger_check

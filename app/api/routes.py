@@ -13,8 +13,8 @@ from flask import g
 from flask import jsonify
 from flask import request
 
-from .. import billing
-from .. import proxy
+from ..accounting import billing
+from ..upstream import proxy
 from ..auth import authenticate
 from ..errors import InvalidRequest
 from ..errors import ModelNotFound

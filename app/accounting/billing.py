@@ -1,0 +1,316 @@
+"""
+app.accounting.billing
+~~~~~~~~~~~~~~~~~~~~~~
+
+Reserve the worst case before the upstream is called; settle to the real cost when the request ends.
+
+* **Reserve** (paid models): one conditional ``UPDATE api_key SET balance = balance - worst WHERE balance >=
+  worst`` plus a ``held`` ledger row, in one transaction. Concurrent requests of one key, in any number of
+  workers or gateways, therefore never hold more than the balance. Zero rows updated means 402.
+* **Settle**: in one transaction the ``held`` row becomes ``settled`` with its charge, and the unused part of the
+  reservation goes back to the balance. Settling twice does nothing (the ``state = 'held'`` guard).
+* **The charge**: the upstream's reported usage at the model's prices, rounded up to a micro-credit. A request
+  that failed before the upstream produced anything costs nothing. A stream that ended without usage (hang-up,
+  cut) is *estimated*: prompt = request bytes / 4, completion = content events delivered; the row says so.
+  The charge never exceeds reservation + what the balance still holds, so no balance ever goes below zero.
+
+Free models reserve nothing and write their ledger row when they settle. No Flask here.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+import re
+import time
+import uuid
+from collections import deque
+from dataclasses import dataclass
+from dataclasses import field
+
+from peewee import PeeweeException
+
+from ..catalog import Model
+from .credits import as_number
+from .credits import cost
+from .credits import to_credits
+from ..errors import InsufficientCredits
+from ..errors import ServiceUnavailable
+from .ledger_sql import statements
+from ..store.models import ApiKey
+from ..store.models import Usage
+from ..store.models import db
+from ..store.models import run_write
+from ..store.models import utcnow
+
+log = logging.getLogger("boundless")
+
+#: Tokens added to the worst case per image part: a short image URL can cost far more tokens than bytes.
+IMAGE_TOKENS = 1_600
+
+#: One per image part: the ``"image_url":`` key (its ``"type": "image_url"`` value must not count it twice).
+_IMAGE_PART = re.compile(rb'"image_url"\s*:')
+
+
+def new_request_id() -> str:
+    """``req_`` + the time in ms (12 hex digits) + 80 random bits: unique, and in time order, so the ledger's
+    unique index on it grows at its end instead of dirtying a random page of a large index per request."""
+    return f"req_{time.time_ns() // 1_000_000:012x}{os.urandom(10).hex()}"
+
+
+def prompt_upper_bound(raw_body: bytes) -> int:
+    """A prompt token count no tokenizer exceeds: byte-level BPE spends at least one byte per token."""
+    return len(raw_body) + IMAGE_TOKENS * len(_IMAGE_PART.findall(raw_body))
+
+
+def _limit_field(body: dict) -> tuple[str, int] | None:
+    """The caller's completion limit as (field name, value), if it gave a usable one."""
+    for name in ("max_completion_tokens", "max_tokens"):
+        value = body.get(name)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return name, value
+    return None
+
+
+def max_completion_tokens(body: dict, model: Model) -> int:
+    asked = _limit_field(body)
+    return asked[1] if asked else model.max_output_tokens
+
+
+@dataclass
+class Lease:
+    """One request's claim on a key's credit, from reserve to settle."""
+
+    request_id: str
+    key_id: int
+    model: Model
+    stream: bool
+    prompt_bytes: int
+    reserved: int = 0
+    settled: bool = False
+    #: Who asked, for logs and metrics (key name and prefix, method, path, remote address).
+    context: dict = field(default_factory=dict)
+
+
+@dataclass
+class Outcome:
+    """What the upstream did, as observed by the relay."""
+
+    status: int | None = None           # upstream HTTP status, None if it never answered
+    usage: dict | None = None           # the upstream's usage object, if it sent one
+    delivered_events: int = 0           # content events handed to the caller
+    produced: bool = False              # the upstream produced any answer at all
+    outcome: str = "complete"
+    ttfb_ms: float | None = None
+    latency_ms: float | None = None
+    #: (charge, prompt_tokens, completion_tokens, estimated) as settle() wrote them to the ledger.
+    settled: tuple[int, int, int, bool] | None = None
+
+
+def reserve(key_id: int, model: Model, body: dict, raw_body: bytes, stream: bool, request_id: str) -> Lease:
+    """Hold the worst-case cost of a request on the key's balance.
+
+    :raise InsufficientCredits: the balance does not cover the worst case; nothing was changed.
+    :raise ServiceUnavailable: the database is unreachable.
+    """
+    lease = Lease(request_id=request_id, key_id=key_id, model=model, stream=stream, prompt_bytes=len(raw_body))
+    prompt = completion = worst = 0
+    if model.paid:
+        prompt = prompt_upper_bound(raw_body)
+        completion = max_completion_tokens(body, model)
+        worst = cost(prompt, completion, model.input_price, model.output_price)
+    sql = statements(db)
+    hold = (request_id, key_id, model.id, utcnow(), "held", stream, worst, 0, 0, 0, False, "", OWNER.get())
+
+    def take_and_hold(execute) -> int:
+        taken = execute(sql.take, (worst, key_id, worst)).rowcount if worst else 1
+        if taken == 1:          # the row exists from now on, so even a crashed worker leaves a trace
+            execute(sql.hold, hold)
+        return taken
+
+    try:
+        taken = run_write(take_and_hold)
+        if taken != 1:
+            balance = ApiKey.select(ApiKey.balance).where(ApiKey.id == key_id).scalar() or 0
+    except PeeweeException as err:
+        raise ServiceUnavailable("The credit database is unavailable; try again shortly.") from err
+    if taken != 1:
+        raise InsufficientCredits(_refusal(balance, prompt, completion, worst, model, body), param="max_tokens")
+    lease.reserved = worst
+    return lease
+
+
+#: Room for the field a caller adds to follow the 402's advice: ``, "max_completion_tokens": `` and some spaces.
+_LIMIT_FIELD_BYTES = 32
+
+
+def _refusal(balance: int, prompt: int, completion: int, worst: int, model: Model, body: dict) -> str:
+    msg = (f"Insufficient credits: this request to {model.id} may cost up to {to_credits(worst)} credits "
+           f"({prompt} prompt tokens at most, {completion} completion tokens), and the key's balance is "
+           f"{to_credits(balance)}.")
+    if model.output_price > 0:
+        # The advised limit is part of the body, so of the prompt bound. A smaller value in the caller's field
+        # never adds bytes; a field the caller did not send does, so leave room for it (its digits included).
+        asked = _limit_field(body)
+        name = asked[0] if asked else "max_tokens"
+
+        def fits(extra_bytes: int) -> int:
+            left = balance - (prompt + extra_bytes) * model.input_price
+            return max(0, int(left // model.output_price))
+
+        n = fits(0)
+        if not asked:
+            n = fits(_LIMIT_FIELD_BYTES + len(str(n)))    # fewer tokens never need more digits
+        if n > 0:
+            return msg + f" The balance covers {name}={n}; ask for that or less, or top up."
+    return msg + " Top up the key to use this model."
+
+
+def charge_for(lease: Lease, result: Outcome) -> tuple[int, int, int, bool]:
+    """(charge, prompt_tokens, completion_tokens, estimated) for a finished request."""
+    model = lease.model
+    usage = result.usage
+    if usage:
+        pt = _int(usage.get("prompt_tokens"))
+        ct = _int(usage.get("completion_tokens"))
+        return cost(pt, ct, model.input_price, model.output_price), pt, ct, False
+    if not result.produced:
+        return 0, 0, 0, False
+    pt = math.ceil(lease.prompt_bytes / 4)
+    ct = result.delivered_events
+    return cost(pt, ct, model.input_price, model.output_price), pt, ct, True
+
+
+def _int(value) -> int:
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
+
+
+def settle(lease: Lease, result: Outcome) -> int:
+    """Write the ledger row and give back the unused reservation, once; return the charge in micro-credits."""
+    if lease.settled:
+        return 0
+    charge, pt, ct, estimated = charge_for(lease, result)
+    touches_key = bool(lease.reserved or charge)      # a free request leaves the key's row alone
+    sql = statements(db)
+    reserved, key_id, request_id = lease.reserved, lease.key_id, lease.request_id
+
+    def settle_rows(execute) -> int | None:
+        """The final charge, or None if the row was settled already."""
+        if touches_key:
+            _lock_key(execute, key_id)
+        claimed = execute(sql.settle_row, (
+            "settled", min(charge, reserved), pt, ct, estimated, result.status, result.outcome[:24],
+            result.latency_ms, result.ttfb_ms, request_id, "held")).rowcount
+        if claimed != 1:
+            return None
+        final = charge
+        if charge > reserved:            # rare: the usage beat the worst-case estimate
+            available = execute(sql.balance, (key_id,)).fetchone()
+            extra = min(charge - reserved, available[0] if available else 0)
+            if extra:
+                execute(sql.take_up_to, (extra, key_id))
+            final = reserved + extra
+            execute(sql.set_charge, (final, request_id))
+        if touches_key:
+            execute(sql.give_back, (reserved - min(final, reserved), final, key_id))
+        return final
+
+    final = run_write(settle_rows, own_connection=True)
+    if final is None:
+        lease.settled = True
+        return 0
+    charge = final
+    lease.settled = True                 # only once committed: a failed attempt can be made again
+    result.settled = (charge, pt, ct, estimated)
+    return charge
+
+
+#: Settlements that failed (the database was unreachable), retried by the worker's heartbeat thread, so a
+#: reservation is never left held by a worker that is still alive.
+PENDING: deque[tuple[Lease, Outcome]] = deque()
+
+
+def settle_or_defer(lease: Lease, result: Outcome) -> int:
+    """:func:`settle`, or, if the database fails, queue it for :func:`retry_pending` (never raises for that)."""
+    try:
+        return settle(lease, result)
+    except PeeweeException:
+        log.exception("settling %s failed; will retry", lease.request_id)
+        PENDING.append((lease, result))
+        return 0
+
+
+def retry_pending() -> int:
+    """Try the deferred settlements once more; return how many went through."""
+    done = 0
+    for _ in range(len(PENDING)):
+        lease, result = PENDING.popleft()
+        try:
+            settle(lease, result)
+            done += 1
+        except PeeweeException:
+            PENDING.append((lease, result))
+            break                        # still down: keep the rest for the next beat
+    return done
+
+
+def _lock_key(execute, key_id: int) -> None:
+    """Lock the key's row before the ledger row, the order reserve() takes them in.
+
+    The other order deadlocks on MySQL/MariaDB: an UPDATE's next-key lock on ``usage`` blocks a concurrent
+    reserve's INSERT while that reserve holds the key's row, which the settling transaction then waits for.
+    (SQLite's BEGIN IMMEDIATE already serialises writers.)
+    """
+    sql = statements(db).lock_key
+    if sql:
+        execute(sql, (key_id,)).fetchall()
+
+
+class _Owner:
+    """``<instance>:<pid>`` of this worker, stamped on held rows so that a dead worker's rows can be found.
+
+    The instance id is made by the gunicorn master at start (``BOUNDLESS_INSTANCE_ID``, random) and shared by
+    its workers, so it is unique per running gateway even where host names and pids repeat (containers).
+    """
+
+    def __init__(self) -> None:
+        self._value = ""
+        os.register_at_fork(after_in_child=self._forget)
+
+    def _forget(self) -> None:
+        self._value = ""
+
+    def get(self) -> str:
+        if not self._value:
+            instance = os.environ.get("BOUNDLESS_INSTANCE_ID") or f"p{uuid.uuid4().hex[:12]}"
+            self._value = f"{instance[:40]}:{os.getpid()}"
+        return self._value
+
+
+OWNER = _Owner()
+
+
+def settle_lost(owners: list[str]) -> int:
+    """Settle the held rows of workers that died without settling (kill -9, OOM, a crashed box).
+
+    Policy: such a request is charged nothing and its whole reservation goes back to the balance. A crash is
+    the gateway's fault, so the caller does not pay for it; the row says ``outcome = worker_lost``.
+    Returns the number of rows settled.
+    """
+    n = 0
+    for row in Usage.select(Usage.id, Usage.key, Usage.reserved).where(
+            (Usage.state == "held") & (Usage.owner.in_(owners))).tuples():
+        usage_id, key_id, reserved = row
+        with db.atomic():
+            if reserved:
+                _lock_key(db.execute_sql, key_id)
+            if Usage.update(state="settled", charge=0, estimated=True, outcome="worker_lost").where(
+                    (Usage.id == usage_id) & (Usage.state == "held")).execute() == 1:
+                ApiKey.update(balance=ApiKey.balance + reserved).where(ApiKey.id == key_id).execute()
+                n += 1
+    return n
+
+
+def key_summary(key_id: int) -> dict:
+    row = ApiKey.get_by_id(key_id)
+    return {"name": row.name, "balance": as_number(row.balance), "spent": as_number(row.spent)}

@@ -1,0 +1,101 @@
+"""
+app.store.schema
+~~~~~~~~~~~~~~~~
+
+Creating, checking and upgrading the database schema.
+
+A fresh database is created at the current version. A database at an older version is refused until
+``boundless db upgrade`` has run; one at a newer version (written by a newer Boundless) is refused outright.
+Upgrades are numbered steps in :data:`STEPS`, each a function of a ``playhouse.migrate`` migrator.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+from peewee import CharField
+from peewee import Database
+from peewee import PeeweeException
+from playhouse.migrate import SchemaMigrator
+from playhouse.migrate import migrate
+
+from ..errors import ConfigurationError
+from .models import MODELS
+from .models import Heartbeat
+from .models import SCHEMA_VERSION
+from .models import SchemaInfo
+from .models import db
+
+def _v2_owner_and_heartbeat(migrator: SchemaMigrator) -> list:
+    """v2: ledger rows name the worker holding them, and workers beat, so a dead worker's reservations can
+    be found and settled."""
+    migrator.database.create_tables([Heartbeat], safe=True)
+    return [migrator.add_column("usage", "owner", CharField(max_length=64, default="")),
+            migrator.add_index("usage", ("owner",), False)]
+
+
+#: version reached -> step that takes the schema from version-1 to it.
+STEPS: dict[int, Callable[[SchemaMigrator], list]] = {2: _v2_owner_and_heartbeat}
+
+
+def current_version(database: Database = db) -> int | None:
+    """The stored schema version, 0 for tables without a version row, None for an empty database."""
+    tables = set(database.get_tables())
+    if not tables:
+        return None
+    if SchemaInfo._meta.table_name not in tables:
+        return 0
+    row = SchemaInfo.get_or_none(SchemaInfo.id == 1)
+    return row.version if row else 0
+
+
+def create(database: Database = db) -> None:
+    """Create every table at the current version (idempotent; safe when several processes race)."""
+    with database.atomic():
+        database.create_tables(MODELS, safe=True)
+        (SchemaInfo.insert(id=1, version=SCHEMA_VERSION)
+         .on_conflict_ignore()
+         .execute())
+
+
+def ensure(database: Database = db) -> None:
+    """Create an empty database, accept the current schema, refuse any other.
+
+    :raise ConfigurationError: naming the command that fixes it.
+    """
+    version = current_version(database)
+    if version is None:
+        try:
+            create(database)
+        except PeeweeException:          # another process created it at the same moment (PostgreSQL, MySQL)
+            if current_version(database) != SCHEMA_VERSION:
+                raise
+    elif version < SCHEMA_VERSION:
+        raise ConfigurationError(
+            f"the database schema is at version {version}, this Boundless needs {SCHEMA_VERSION}: "
+            f"run `boundless db upgrade` (back the database up first: `boundless db backup PATH` for SQLite)")
+    elif version > SCHEMA_VERSION:
+        raise ConfigurationError(
+            f"the database schema is at version {version}, newer than this Boundless knows ({SCHEMA_VERSION}): "
+            f"upgrade Boundless")
+
+
+def upgrade(database: Database = db) -> list[int]:
+    """Bring the schema to :data:`SCHEMA_VERSION`; return the versions applied (empty when already there)."""
+    version = current_version(database)
+    if version is None:
+        create(database)
+        return [SCHEMA_VERSION]
+    if version > SCHEMA_VERSION:
+        raise ConfigurationError(f"the database schema is at version {version}, newer than this Boundless")
+    if version == 0:
+        raise ConfigurationError("the database has tables but no Boundless schema version: not a Boundless "
+                                 "database, or one damaged by hand; refusing to touch it")
+    migrator = SchemaMigrator.from_database(database)
+    applied = []
+    for target in range(version + 1, SCHEMA_VERSION + 1):
+        with database.atomic():
+            migrate(*STEPS[target](migrator))
+            if not SchemaInfo.update(version=target).where(SchemaInfo.id == 1).execute():
+                SchemaInfo.create(id=1, version=target)
+        applied.append(target)
+    return applied

@@ -1,0 +1,215 @@
+"""
+app.upstream.proxy
+~~~~~~~~~~~~~~~~~~
+
+Forward one chat request to its provider and relay the answer: upstream → relay → settle.
+
+The request body is rewritten only where it must be (``model`` becomes the upstream name; streams always ask
+for usage); the answer goes back byte for byte. Settlement and the finish hook run exactly once per request,
+whether it ends normally, on an upstream failure, or when the caller hangs up (WSGI closes the body iterator,
+which raises ``GeneratorExit`` at the stream's ``yield``). The stream generator receives everything it needs
+as arguments and never touches ``flask.g`` or ``request``.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from typing import Callable
+from typing import Iterator
+
+from ..accounting import billing
+from ..accounting.billing import Lease
+from ..accounting.billing import Outcome
+from ..catalog import Model
+from ..errors import GatewayError
+from ..errors import InvalidRequest
+from ..errors import RateLimited
+from ..errors import ServiceUnavailable
+from ..errors import UpstreamError
+from ..errors import UpstreamTimeout
+from ..errors import sse_error_event
+from ..jsonio import dumps
+from ..jsonio import loads
+from .sse import EventRelay
+from .streams import OpenStreams
+from .client import Response
+from .client import UpstreamClient
+from .client import close
+from .client import iter_raw
+from .client import read_body
+
+log = logging.getLogger("boundless")
+
+#: Upstream 4xx answers that are the caller's fault and pass through with their status.
+CALLER_FAULTS = {400, 409, 413, 415, 422}
+
+STREAM_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+Finish = Callable[[Lease, Outcome], None]
+
+
+def upstream_payload(body: dict, model: Model, stream: bool) -> bytes:
+    """The body the provider gets: the caller's, with the upstream model name and (streams) usage asked for."""
+    out = dict(body)
+    out["model"] = model.upstream_model
+    if stream:
+        opts = out.get("stream_options")
+        out["stream_options"] = {**(opts if isinstance(opts, dict) else {}), "include_usage": True}
+    return dumps(out)
+
+
+def upstream_failure(resp: Response, body: bytes, model: Model) -> GatewayError | tuple[bytes, int, dict]:
+    """Map a non-2xx upstream answer to what the caller gets (see the README's error table)."""
+    status = resp.status
+    provider = model.provider.name
+    secret = model.provider.api_key()
+    if secret:
+        body = body.replace(secret.encode(), b"***")
+    shaped = _openai_error(body)
+    if status in CALLER_FAULTS:
+        if shaped:
+            return body, status, {}
+        return InvalidRequest(f"The provider {provider!r} rejected the request (HTTP {status}).", status=status)
+    if status == 429:
+        retry = resp.headers.get("Retry-After")
+        headers = {"Retry-After": retry} if retry else {}
+        return RateLimited(f"The provider {provider!r} is rate-limiting the gateway; try again shortly.",
+                           code="upstream_rate_limited", headers=headers)
+    if status in (401, 403):
+        return UpstreamError(f"The provider {provider!r} refused the gateway's credentials (HTTP {status}); "
+                             f"tell the gateway's operator.")
+    if status == 504:
+        return UpstreamTimeout(f"The provider {provider!r} timed out (HTTP 504).")
+    return UpstreamError(f"The provider {provider!r} failed (HTTP {status}).")
+
+
+def _openai_error(body: bytes) -> bool:
+    try:
+        obj = loads(body)
+    except ValueError:
+        return False
+    return isinstance(obj, dict) and isinstance(obj.get("error"), dict)
+
+
+def forward(client: UpstreamClient, model: Model, body: dict, lease: Lease, started: float,
+            finish: Finish, streams: OpenStreams, client_socket=None) -> tuple[Iterator[bytes] | bytes, int, dict]:
+    """Send the request upstream; return (body or stream of bytes, status, headers) for the caller.
+
+    Failures before anything was relayed raise a :class:`GatewayError` after settling the lease (at no cost).
+    """
+    stream = lease.stream
+    outcome = Outcome()
+    try:
+        resp = client.open(model, upstream_payload(body, model, stream), stream)
+    except GatewayError as err:
+        _finish(lease, outcome, "upstream_unreachable", started, finish)
+        raise err
+    outcome.status = resp.status
+    outcome.ttfb_ms = (time.perf_counter() - started) * 1000
+
+    if resp.status >= 300 or not stream:
+        try:
+            data = read_body(resp, model.provider.name)
+        except GatewayError:
+            _finish(lease, outcome, "upstream_cut", started, finish)
+            raise
+        if resp.status >= 300:
+            _finish(lease, outcome, "upstream_error", started, finish)
+            mapped = upstream_failure(resp, data, model)
+            if isinstance(mapped, GatewayError):
+                raise mapped
+            return mapped
+        outcome.produced = True
+        outcome.usage = _usage_of(data)
+        _finish(lease, outcome, "complete", started, finish)
+        return data, 200, {"Content-Type": resp.headers.get("Content-Type", "application/json")}
+
+    caller_asked = _asked_usage(body)
+    streams.add(resp, client_socket)
+    return (relay_stream(resp, lease, outcome, model.provider.name, not caller_asked, started, finish, streams),
+            200, {**STREAM_HEADERS, "Content-Type": "text/event-stream; charset=utf-8"})
+
+
+def _asked_usage(body: dict) -> bool:
+    opts = body.get("stream_options")
+    return isinstance(opts, dict) and opts.get("include_usage") is True
+
+
+def _usage_of(data: bytes) -> dict | None:
+    if b'"usage"' not in data:
+        return None
+    try:
+        obj = loads(data)
+    except ValueError:
+        return None
+    usage = obj.get("usage") if isinstance(obj, dict) else None
+    return usage if isinstance(usage, dict) else None
+
+
+def relay_stream(resp: Response, lease: Lease, outcome: Outcome, provider: str, strip_usage: bool,
+                 started: float, finish: Finish, streams: OpenStreams) -> Iterator[bytes]:
+    """Yield the upstream's events as they arrive; settle in ``finally`` however the stream ends.
+
+    A stream whose usage has arrived is settled just before its ``[DONE]`` goes out, not after: the OpenAI
+    SDKs stop reading at ``[DONE]``, so a caller that then asks for its balance (``GET /api/v1/key``) must
+    already see the charge. The end of the stream then only reports it.
+    """
+    relay = EventRelay(strip_usage_chunk=strip_usage)
+    pending = 0
+    first = True
+    status = "complete"
+    settled_at_done = False
+    try:
+        try:
+            for chunk in iter_raw(resp, provider):
+                outcome.produced = True
+                out, content = relay.feed(chunk)
+                if out:
+                    if first:
+                        outcome.ttfb_ms, first = (time.perf_counter() - started) * 1000, False
+                    if relay.done and relay.usage is not None and not settled_at_done:
+                        outcome.usage, settled_at_done = relay.usage, True
+                        _settle(lease, outcome, "complete", started)
+                    pending = content
+                    yield out
+                    outcome.delivered_events += pending
+                    pending = 0
+            tail = relay.flush()
+            if tail:
+                yield tail
+            if not relay.done:
+                yield b"data: [DONE]\n\n"
+        except UpstreamError as err:             # the provider cut or stalled the stream after it began...
+            status = streams.cut_reason(resp)    # ...or we did (streams.py): the caller left, or we are stopping
+            if status == "client_closed":
+                return
+            if status == "shutdown":
+                yield sse_error_event(ServiceUnavailable(
+                    "The gateway is restarting and ended this stream; retry the request.", code="shutting_down"))
+                return
+            status = "upstream_timeout" if isinstance(err, UpstreamTimeout) else "upstream_cut"
+            log.warning("stream from %s ended early: %s (%s)", provider, status, err.__cause__ or err)
+            yield sse_error_event(err)
+    except GeneratorExit:                        # the caller hung up: gunicorn closed the iterator
+        status = "client_closed"
+        raise
+    finally:
+        close(resp, status == "complete")        # else closes the upstream socket: the provider stops generating
+        streams.discard(resp)
+        outcome.usage = relay.usage
+        # Settled at [DONE] (what followed cannot change the charge): reported as the ledger has it.
+        _finish(lease, outcome, "complete" if settled_at_done else status, started, finish)
+
+
+def _settle(lease: Lease, outcome: Outcome, status: str, started: float) -> None:
+    outcome.outcome = status
+    outcome.latency_ms = (time.perf_counter() - started) * 1000
+    billing.settle_or_defer(lease, outcome)
+
+
+def _finish(lease: Lease, outcome: Outcome, status: str, started: float, finish: Finish) -> None:
+    """Settle (unless done already: settling twice changes nothing) and report the request, once."""
+    try:
+        _settle(lease, outcome, status, started)
+    finally:
+        finish(lease, outcome)
