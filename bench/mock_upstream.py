@@ -1,5 +1,10 @@
 """Fast fake OpenAI-compatible upstream for Boundless tests and benchmarks (stdlib only).
 
+Who uses it: the benchmark (``bench/run.py``, ``bench/targets.py``), the tests' fake provider (the ``mock``
+fixture in ``tests/conftest.py`` and ``tests/support.py``), and the README's offline trial
+(``config/offline.toml`` points ``mock-chat`` and ``mock-paid`` at it). It lives in ``bench/`` so that all three
+find it from the repository root as ``python -m bench.mock_upstream``.
+
 Run from the repo root::
 
     python -m bench.mock_upstream --host 127.0.0.1 --port 9100 \\

@@ -3,6 +3,10 @@ app.api
 ~~~~~~~
 
 The ``/api/v1`` blueprint: every route here is authenticated by key and carries the rate-limit headers.
+
+Top layer: the views narrate the request path and may import every area (``app.upstream``,
+``app.accounting``, ``app.limits`` through ``app.state``, ``app.store``) and the plain modules. Nothing imports
+it but ``create_app``.
 """
 from __future__ import annotations
 
@@ -12,7 +16,7 @@ from flask import g
 from flask import request
 
 from ..auth import authenticate
-from ..billing import new_request_id
+from ..accounting.billing import new_request_id
 from ..errors import GatewayError
 from ..state import state
 
