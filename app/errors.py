@@ -99,6 +99,12 @@ class ServiceUnavailable(GatewayError):
     status, type, code = 503, "service_unavailable", "service_unavailable"
 
 
+class InternalError(GatewayError):
+    """The gateway itself failed (a bug): logged with its traceback; nothing was charged. Safe to retry."""
+
+    status, type, code = 500, "api_error", "internal_error"
+
+
 class ConfigurationError(Exception):
     """The gateway's configuration is invalid; raised at start-up, never per request."""
 
@@ -126,7 +132,7 @@ def _handle_http_exception(err: HTTPException) -> Response:
 
 def _handle_unexpected(err: Exception) -> Response:
     log.exception("unhandled error")
-    return GatewayError("The server had an error while processing your request.", code="internal_error").response()
+    return InternalError("The server had an error while processing your request.").response()
 
 
 def init_app(app: Flask) -> None:

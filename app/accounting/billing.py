@@ -6,7 +6,10 @@ Reserve the worst case before the upstream is called; settle to the real cost wh
 
 * **Reserve** (paid models): one conditional ``UPDATE api_key SET balance = balance - worst WHERE balance >=
   worst`` plus a ``held`` ledger row, in one transaction. Concurrent requests of one key, in any number of
-  workers or gateways, therefore never hold more than the balance. Zero rows updated means 402.
+  workers or gateways, therefore never hold more than the balance. Zero rows updated means 402. The worst
+  case is :func:`prompt_upper_bound` prompt tokens (the text of the messages and tools plus a fixed overhead:
+  see there why no provider counts more) and the caller's ``max_completion_tokens``/``max_tokens`` (else the
+  model's ``max_output_tokens``) completion tokens, at the model's prices.
 * **Settle**: in one transaction the ``held`` row becomes ``settled`` with its charge, and the unused part of the
   reservation goes back to the balance. Settling twice does nothing (the ``state = 'held'`` guard).
 * **The charge**: the upstream's reported usage at the model's prices, rounded up to a micro-credit. A request
@@ -18,10 +21,10 @@ Free models reserve nothing and write their ledger row when they settle. No Flas
 """
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
-import re
 import time
 import uuid
 from collections import deque
@@ -48,8 +51,18 @@ log = logging.getLogger("boundless")
 #: Tokens added to the worst case per image part: a short image URL can cost far more tokens than bytes.
 IMAGE_TOKENS = 1_600
 
-#: One per image part: the ``"image_url":`` key (its ``"type": "image_url"`` value must not count it twice).
-_IMAGE_PART = re.compile(rb'"image_url"\s*:')
+#: Tokens a chat template adds around each message: its role header, separators, the end-of-turn marker.
+MESSAGE_TOKENS = 8
+
+#: Tokens a chat template adds once per request: begin-of-text, the reply's header, a default system preamble.
+REQUEST_TOKENS = 32
+
+#: The largest ``max_tokens`` / ``max_completion_tokens`` accepted: the ledger's token columns are 32-bit
+#: integers on PostgreSQL and MySQL, and no model generates more.
+MAX_TOKENS = 2**31 - 1
+
+#: The largest reservation the database can hold (a BIGINT); a larger worst case is refused with 402 unwritten.
+_MAX_RESERVATION = 2**63 - 1
 
 
 def new_request_id() -> str:
@@ -58,9 +71,80 @@ def new_request_id() -> str:
     return f"req_{time.time_ns() // 1_000_000:012x}{os.urandom(10).hex()}"
 
 
-def prompt_upper_bound(raw_body: bytes) -> int:
-    """A prompt token count no tokenizer exceeds: byte-level BPE spends at least one byte per token."""
-    return len(raw_body) + IMAGE_TOKENS * len(_IMAGE_PART.findall(raw_body))
+def prompt_upper_bound(body: dict) -> int:
+    """A prompt token count no provider exceeds for this chat body (validated: ``messages`` a list of objects).
+
+    Why it is safe: a byte-level BPE tokenizer (every GPT, Llama, Qwen, DeepSeek...) spends at least one UTF-8
+    byte of text per token, so text of N bytes is at most N tokens; only what the provider adds around the text
+    is more, and that is bounded here:
+
+    * each message: the UTF-8 bytes of every string in its ``content`` (text parts, and image URLs too) plus
+      :data:`IMAGE_TOKENS` per image part; its other fields (role, name, tool calls with their arguments, tool
+      call ids...) count as the bytes of their JSON, so even a template that renders them with ``tojson``
+      (quotes escaped) stays within the bound; plus :data:`MESSAGE_TOKENS` for the template's role header
+      and end-of-turn markers;
+    * every other field that is an object or array (tools, functions, response_format, tool_choice...) counts
+      as its JSON written with spaces (``", "``, ``": "``), which is how templates that render tool
+      definitions into the prompt write them; a string field counts its bytes; a number or boolean at the top
+      level is a setting (max_tokens, temperature, n...), never prompt text; ``model`` is not sent as text;
+    * plus :data:`REQUEST_TOKENS` for the template's begin-of-text, the reply's header and a default system
+      preamble.
+
+    The JSON punctuation around message text (quotes, keys, commas, escapes) is not counted: it is not part of
+    the prompt. A short English message therefore reserves about three times its real cost, not ten.
+    """
+    total = REQUEST_TOKENS
+    for name, value in body.items():
+        if name == "messages":
+            for message in value:
+                total += MESSAGE_TOKENS + _message_bytes(message)
+        elif name == "model":
+            continue
+        elif isinstance(value, str):
+            total += _utf8_len(value)
+        elif isinstance(value, (dict, list)):
+            total += _spaced_json_len(value)
+    return total
+
+
+def _message_bytes(message: dict) -> int:
+    total = 0
+    for name, value in message.items():
+        if isinstance(value, str):
+            total += _utf8_len(value)
+        elif name == "content":
+            total += _content_bytes(value)
+        elif value is not None:
+            total += _spaced_json_len(value)
+    return total
+
+
+def _content_bytes(content) -> int:
+    """The bytes of every string (and number) inside a message's content, plus IMAGE_TOKENS per image part."""
+    total = 0
+    stack = [content]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, str):
+            total += _utf8_len(node)
+        elif isinstance(node, dict):
+            if "image_url" in node:
+                total += IMAGE_TOKENS
+            stack.extend(node.values())
+        elif isinstance(node, list):
+            stack.extend(node)
+        elif isinstance(node, (int, float)) and not isinstance(node, bool):
+            total += len(repr(node))
+    return total
+
+
+def _utf8_len(text: str) -> int:
+    # surrogatepass: a lone surrogate (valid JSON) counts its 3 bytes instead of failing
+    return len(text) if text.isascii() else len(text.encode("utf-8", "surrogatepass"))
+
+
+def _spaced_json_len(value) -> int:
+    return _utf8_len(json.dumps(value, ensure_ascii=False))
 
 
 def _limit_field(body: dict) -> tuple[str, int] | None:
@@ -116,9 +200,11 @@ def reserve(key_id: int, model: Model, body: dict, raw_body: bytes, stream: bool
     lease = Lease(request_id=request_id, key_id=key_id, model=model, stream=stream, prompt_bytes=len(raw_body))
     prompt = completion = worst = 0
     if model.paid:
-        prompt = prompt_upper_bound(raw_body)
+        prompt = prompt_upper_bound(body)
         completion = max_completion_tokens(body, model)
         worst = cost(prompt, completion, model.input_price, model.output_price)
+    if worst > _MAX_RESERVATION:         # no balance can hold it, and the database could not even store it
+        return _refuse(key_id, prompt, completion, worst, model, body)
     sql = statements(db)
     hold = (request_id, key_id, model.id, utcnow(), "held", stream, worst, 0, 0, 0, False, "", OWNER.get())
 
@@ -130,18 +216,21 @@ def reserve(key_id: int, model: Model, body: dict, raw_body: bytes, stream: bool
 
     try:
         taken = run_write(take_and_hold)
-        if taken != 1:
-            balance = ApiKey.select(ApiKey.balance).where(ApiKey.id == key_id).scalar() or 0
     except PeeweeException as err:
         raise ServiceUnavailable("The credit database is unavailable; try again shortly.") from err
     if taken != 1:
-        raise InsufficientCredits(_refusal(balance, prompt, completion, worst, model, body), param="max_tokens")
+        return _refuse(key_id, prompt, completion, worst, model, body)
     lease.reserved = worst
     return lease
 
 
-#: Room for the field a caller adds to follow the 402's advice: ``, "max_completion_tokens": `` and some spaces.
-_LIMIT_FIELD_BYTES = 32
+def _refuse(key_id: int, prompt: int, completion: int, worst: int, model: Model, body: dict):
+    """:raise InsufficientCredits: always, with the balance and the largest limit it covers."""
+    try:
+        balance = ApiKey.select(ApiKey.balance).where(ApiKey.id == key_id).scalar() or 0
+    except PeeweeException as err:
+        raise ServiceUnavailable("The credit database is unavailable; try again shortly.") from err
+    raise InsufficientCredits(_refusal(balance, prompt, completion, worst, model, body), param="max_tokens")
 
 
 def _refusal(balance: int, prompt: int, completion: int, worst: int, model: Model, body: dict) -> str:
@@ -149,18 +238,11 @@ def _refusal(balance: int, prompt: int, completion: int, worst: int, model: Mode
            f"({prompt} prompt tokens at most, {completion} completion tokens), and the key's balance is "
            f"{to_credits(balance)}.")
     if model.output_price > 0:
-        # The advised limit is part of the body, so of the prompt bound. A smaller value in the caller's field
-        # never adds bytes; a field the caller did not send does, so leave room for it (its digits included).
+        # The limit is a top-level number, which the prompt bound does not count: asking for it changes
+        # nothing else, so the same request with this limit is admitted.
         asked = _limit_field(body)
         name = asked[0] if asked else "max_tokens"
-
-        def fits(extra_bytes: int) -> int:
-            left = balance - (prompt + extra_bytes) * model.input_price
-            return max(0, int(left // model.output_price))
-
-        n = fits(0)
-        if not asked:
-            n = fits(_LIMIT_FIELD_BYTES + len(str(n)))    # fewer tokens never need more digits
+        n = min(MAX_TOKENS, max(0, int((balance - prompt * model.input_price) // model.output_price)))
         if n > 0:
             return msg + f" The balance covers {name}={n}; ask for that or less, or top up."
     return msg + " Top up the key to use this model."
@@ -182,7 +264,9 @@ def charge_for(lease: Lease, result: Outcome) -> tuple[int, int, int, bool]:
 
 
 def _int(value) -> int:
-    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
+    """A reported token count as the ledger can store it: 0 unless a positive integer, at most MAX_TOKENS
+    (an upstream that reports more is wrong, and a larger value would make the settlement fail forever)."""
+    return min(value, MAX_TOKENS) if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
 
 
 def settle(lease: Lease, result: Outcome) -> int:

@@ -14,10 +14,14 @@ from flask import jsonify
 from flask import request
 
 from ..accounting import billing
+from ..accounting.billing import MAX_TOKENS
+from ..upstream import guard
 from ..upstream import proxy
 from ..auth import authenticate
 from ..errors import InvalidRequest
 from ..errors import ModelNotFound
+from ..jsonio import MAX_DEPTH
+from ..jsonio import TooDeep
 from ..jsonio import loads
 from ..state import state
 from . import bp
@@ -57,11 +61,14 @@ def chat_completions() -> Response:
         raise decision.error()
     stream = body.get("stream") is True
     lease = billing.reserve(key.id, model, body, raw, stream, g.request_id)
-    lease.context = {"key_name": key.name, "key_prefix": key.prefix, "method": request.method,
-                     "path": request.path, "remote_addr": request.remote_addr}
-    g.boundless_lease = lease                  # from here on, the finish hooks report this request
-    out, status, headers = proxy.forward(gw.upstream, model, body, lease, started, gw.finish, gw.streams,
-                                         request.environ.get("gunicorn.socket"))
+    with guard.settled_on_crash(lease, started, gw.finish):  # a bug of ours never leaves the credit held
+        lease.context = {"key_name": key.name, "key_prefix": key.prefix, "method": request.method,
+                         "path": request.path, "remote_addr": request.remote_addr}
+        g.boundless_lease = lease              # from here on, the finish hooks report this request
+        out, status, headers = proxy.forward(gw.upstream, model, body, lease, started, gw.finish, gw.streams,
+                                             request.environ.get("gunicorn.socket"))
+        if not isinstance(out, bytes):
+            out = guard.stream_net(out, lease)
     return Response(out, status=status, headers=headers)
 
 
@@ -72,7 +79,9 @@ def parse_chat_body() -> tuple[bytes, dict]:
     """
     raw = request.get_data(cache=False)        # 413 above MAX_CONTENT_LENGTH
     try:
-        body = loads(raw)
+        body = loads(raw, max_depth=MAX_DEPTH)
+    except TooDeep:
+        raise InvalidRequest(f"The JSON body nests objects and arrays deeper than {MAX_DEPTH} levels.") from None
     except ValueError:
         raise InvalidRequest("We could not parse the JSON body of your request. The body must be a JSON object "
                              "(see https://platform.openai.com/docs/api-reference/chat).") from None
@@ -86,8 +95,13 @@ def parse_chat_body() -> tuple[bytes, dict]:
         raise InvalidRequest("'messages' is required and must be a non-empty array.", param="messages")
     if not all(isinstance(m, dict) for m in messages):
         raise InvalidRequest("Every item of 'messages' must be an object.", param="messages")
-    if body.get("stream") not in (None, True, False):
-        raise InvalidRequest("'stream' must be a boolean.", param="stream")
+    stream = body.get("stream")
+    if stream is not None and not isinstance(stream, bool):    # 1 == True: a membership test lets 1 through
+        raise InvalidRequest("'stream' must be a boolean (true or false).", param="stream")
     if body.get("stream_options") is not None and not isinstance(body["stream_options"], dict):
         raise InvalidRequest("'stream_options' must be an object.", param="stream_options")
+    for name in ("max_completion_tokens", "max_tokens"):
+        limit = body.get(name)
+        if isinstance(limit, int) and not isinstance(limit, bool) and limit > MAX_TOKENS:
+            raise InvalidRequest(f"'{name}' must be at most {MAX_TOKENS}.", param=name)
     return raw, body
