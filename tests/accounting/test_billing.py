@@ -109,19 +109,65 @@ def test_cost_is_exact_and_rounds_up_once():
 # billing: worst case, charge
 # --------------------------------------------------------------------------------------------------
 
-def test_prompt_upper_bound():
-    raw = json.dumps({"model": "paid-model", "messages": [{"role": "user", "content": "héllo world"}]}).encode()
-    assert billing.prompt_upper_bound(raw) == len(raw)
-    img = json.dumps({"model": "m", "messages": [{"role": "user", "content": [
-        {"type": "image_url", "image_url": {"url": "http://x/a.png"}},
-        {"type": "image_url", "image_url": {"url": "http://x/b.png"}}]}]}).encode()
-    assert billing.prompt_upper_bound(img) == len(img) + 2 * billing.IMAGE_TOKENS     # per image part, not per mention
-    compact = b'{"messages":[{"content":[{"type" : "image_url" , "image_url" :"http://x/a.png"}]}]}'
-    assert billing.prompt_upper_bound(compact) == len(compact) + billing.IMAGE_TOKENS
-    text = json.dumps({"messages": [{"role": "user", "content": 'say "image_url": please'}]}).encode()
-    assert billing.prompt_upper_bound(text) == len(text)
-    # a tokenizer never produces more tokens than bytes; the mock's count is far below the bound
-    assert billing.prompt_upper_bound(b"{}") == 2
+BASE = billing.REQUEST_TOKENS + billing.MESSAGE_TOKENS        # a one-message request's fixed overhead
+
+
+def _user(content) -> dict:
+    return {"model": "paid-model", "messages": [{"role": "user", "content": content}]}
+
+
+def test_prompt_upper_bound_counts_the_text_not_the_json_around_it():
+    assert billing.prompt_upper_bound(_user("héllo world")) == BASE + len("user") + len("héllo world".encode())
+    # quotes, backslashes and \u escapes are JSON syntax, not prompt text: the string counts its own bytes
+    quoted = 'say "hi" \\ to 日本'
+    assert billing.prompt_upper_bound(_user(quoted)) == BASE + 4 + len(quoted.encode())
+    assert len(json.dumps(_user(quoted)).encode()) > billing.prompt_upper_bound(_user(quoted)) - BASE
+    two = {"messages": [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}]}
+    assert billing.prompt_upper_bound(two) == billing.REQUEST_TOKENS + 2 * billing.MESSAGE_TOKENS + 6 + 8 + 4 + 2
+    # numbers and booleans at the top level are settings, never prompt text
+    settings = {**_user("hi"), "max_tokens": 10**6, "temperature": 0.5, "stream": True, "n": 3, "seed": 7}
+    assert billing.prompt_upper_bound(settings) == billing.prompt_upper_bound(_user("hi"))
+    # a lone surrogate (valid JSON) counts its 3 bytes instead of failing
+    assert billing.prompt_upper_bound(_user("\ud83d")) == BASE + 4 + 3
+
+
+def test_prompt_upper_bound_images_tools_and_tool_calls():
+    parts = [{"type": "text", "text": "what is this?"},
+             {"type": "image_url", "image_url": {"url": "http://x/a.png"}},
+             {"type": "image_url", "image_url": {"url": "http://x/b.png", "detail": "high"}}]
+    strings = sum(len(s) for s in ("text", "what is this?", "image_url", "http://x/a.png", "image_url",
+                                   "http://x/b.png", "high"))
+    assert billing.prompt_upper_bound(_user(parts)) == BASE + 4 + strings + 2 * billing.IMAGE_TOKENS
+    # a text that mentions image_url is no image
+    assert billing.prompt_upper_bound(_user('say "image_url": please')) == BASE + 4 + 23
+
+    # tool definitions may be rendered into the prompt as JSON (with spaces): they count as that
+    tools = [{"type": "function", "function": {"name": "get_weather", "description": "Weather of a city",
+                                               "parameters": {"type": "object", "properties": {
+                                                   "city": {"type": "string"}}, "required": ["city"]}}}]
+    with_tools = {**_user("hi"), "tools": tools, "tool_choice": "auto"}
+    assert billing.prompt_upper_bound(with_tools) == (
+        billing.prompt_upper_bound(_user("hi")) + len(json.dumps(tools)) + len("auto"))
+
+    # a tool call counts as its JSON, so arguments rendered with escaped quotes stay within the bound
+    calls = [{"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city":"Paris"}'}}]
+    assistant = {"messages": [{"role": "assistant", "content": None, "tool_calls": calls},
+                              {"role": "tool", "tool_call_id": "call_1", "content": "sunny"}]}
+    assert billing.prompt_upper_bound(assistant) == (
+        billing.REQUEST_TOKENS + 2 * billing.MESSAGE_TOKENS + len("assistant") + len(json.dumps(calls))
+        + len("tool") + len("call_1") + len("sunny"))
+
+
+def test_prompt_upper_bound_is_several_times_tighter_than_the_body_size():
+    """The issue's case: a short English prompt reserved ten times its real cost when every body byte counted."""
+    body = _user("Write one short haiku about the quiet winter sea, please.")
+    raw = json.dumps(body).encode()
+    bound = billing.prompt_upper_bound(body)
+    words = len(body["messages"][0]["content"].split())
+    assert bound < len(raw)
+    # still above any tokenizer: at least one byte of text per token, plus the template's overhead
+    assert bound >= len(body["messages"][0]["content"].encode()) + billing.MESSAGE_TOKENS + billing.REQUEST_TOKENS
+    assert bound < 8 * (words + 4)           # under 8 times the mock's count (1 per word + 4 per message)
 
 
 @pytest.mark.parametrize("body, expected", [
@@ -216,7 +262,7 @@ def _body(max_tokens: int | None = 10, content: str = "hello there") -> tuple[di
 
 
 def _worst(raw: bytes, max_tokens: int) -> int:
-    return len(raw) * PAID_IN + max_tokens * PAID_OUT
+    return billing.prompt_upper_bound(json.loads(raw)) * PAID_IN + max_tokens * PAID_OUT
 
 
 def test_reserve_holds_worst_case_and_settle_returns_the_rest(sqlite_db):
@@ -341,7 +387,7 @@ def test_reserve_refuses_without_changing_anything(sqlite_db):
 def test_refusal_names_a_max_tokens_that_is_admitted(sqlite_db):
     """The 402 message's max_tokens, asked for in the same request, is admitted (with or without a limit)."""
     kid = _new_key("fit", "0.2")
-    for asked in (100, None, 60, 99999):
+    for asked in (100, None, 80, 99999):       # each over the balance (prompt bound ~55 tokens)
         body, raw = _body(asked)
         with pytest.raises(InsufficientCredits) as info:
             billing.reserve(kid, PAID, body, raw, False, billing.new_request_id())
@@ -351,6 +397,36 @@ def test_refusal_names_a_max_tokens_that_is_admitted(sqlite_db):
         lease = billing.reserve(kid, PAID, body, raw, False, billing.new_request_id())
         billing.settle(lease, Outcome(produced=False))     # give it back
         assert _balance(kid) == (200_000, 0)
+    ledger_check(sqlite_db)
+
+
+def test_a_worst_case_beyond_the_database_is_a_402_that_changes_nothing(sqlite_db):
+    """A limit the validation accepts, at a price that makes the worst case larger than a BIGINT: 402 stating
+    the limit the balance covers, never an overflow (it was an OverflowError, a 500, before)."""
+    dear = Model(id="dear", provider=PROVIDER, upstream_model="dear", owned_by="mock",
+                 input_price=Decimal(1), output_price=Decimal(10**10), max_output_tokens=100)
+    kid = _new_key("dear", "1000")
+    body, raw = _body(billing.MAX_TOKENS)
+    with pytest.raises(InsufficientCredits) as info:
+        billing.reserve(kid, dear, body, raw, False, billing.new_request_id())
+    assert "balance is 1000." in info.value.message and "Top up" in info.value.message
+    assert _balance(kid) == (1_000_000_000, 0) and Usage.select().count() == 0
+    ledger_check(sqlite_db)
+
+
+def test_reported_usage_beyond_the_token_columns_is_clamped(sqlite_db):
+    """An upstream that reports absurd usage cannot make the settlement fail (and retry) forever."""
+    lease = _lease(reserved=0)
+    pt = billing.charge_for(lease, Outcome(usage={"prompt_tokens": 10**30, "completion_tokens": 2**63}))[1:3]
+    assert pt == (billing.MAX_TOKENS, billing.MAX_TOKENS)
+    kid = _new_key("absurd", "1")
+    body, raw = _body(10)
+    rid = billing.new_request_id()
+    lease = billing.reserve(kid, PAID, body, raw, False, rid)
+    billing.settle(lease, Outcome(status=200, produced=True, usage={"prompt_tokens": 10**20, "completion_tokens": 1}))
+    row = Usage.get(Usage.request_id == rid)
+    assert (row.state, row.prompt_tokens, row.charge) == ("settled", billing.MAX_TOKENS, 1_000_000)   # all it had
+    assert _balance(kid) == (0, 1_000_000)
     ledger_check(sqlite_db)
 
 
