@@ -19,6 +19,7 @@ import openai
 import pytest
 import requests
 
+from app.accounting.billing import prompt_upper_bound
 from app.accounting.credits import to_credits
 from app.store.models import ApiKey
 from app.store.models import Usage
@@ -104,7 +105,7 @@ def wait_settled(gw: Gateway, name: str, count: int, timeout: float = 15.0) -> l
 
 
 def chat_body(content: str, **kw) -> bytes:
-    """A compact request body; its length is the gateway's prompt upper bound (no images)."""
+    """A compact request body (``worst_case`` gives what the gateway reserves for it)."""
     body = {"model": kw.pop("model", "paid-model"), "messages": [{"role": "user", "content": content}], **kw}
     return json.dumps(body, separators=(",", ":")).encode()
 
@@ -140,7 +141,7 @@ def price(prompt_tokens: int, completion_tokens: int) -> int:
 
 
 def worst_case(raw: bytes, max_tokens: int) -> int:
-    return len(raw) * PAID_IN + max_tokens * PAID_OUT
+    return prompt_upper_bound(json.loads(raw)) * PAID_IN + max_tokens * PAID_OUT
 
 
 def credits(micro: int) -> str:
@@ -199,6 +200,31 @@ def test_402_message_gives_a_max_tokens_that_is_then_admitted(gw):
         ok = client.chat.completions.create(model="paid-model", messages=messages, max_tokens=fits,
                                             extra_body={"mock": {"chunks": 1}})
         assert ok.usage.completion_tokens == 1
+    ledger_check(gw.database_url)
+
+
+@SQLITE
+def test_a_balance_of_eight_real_costs_admits_a_short_request(gw):
+    """Issue 15 (8): the worst case counted every byte of the JSON body as a prompt token, about ten times the
+    real cost of a short English prompt, so a key holding several requests' worth was refused with 402."""
+    content = "Write one short haiku about the quiet winter sea, please."
+    raw = chat_body(content, max_tokens=1, mock={"chunks": 1})
+    # what such a request really costs: run it once on a rich key
+    rich_name, rich = new_key(gw, credit="10")
+    assert post(gw, rich, raw).status_code == 200
+    [row] = wait_settled(gw, rich_name, 1)
+    real = row["charge"]
+    assert real == price(mock_prompt_tokens(content), 1) and not row["estimated"]
+
+    name, key = new_key(gw, credit=credits(8 * real))
+    resp = post(gw, key, raw)
+    assert resp.status_code == 200, resp.text
+    assert resp.json()["usage"]["completion_tokens"] == 1
+    [row] = wait_settled(gw, name, 1)
+    assert row["charge"] == real and row["reserved"] <= 8 * real
+    # the bound still covers the real cost several times over
+    assert row["reserved"] >= 2 * real
+    assert key_state(gw, name) == (7 * real, real)
     ledger_check(gw.database_url)
 
 

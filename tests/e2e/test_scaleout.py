@@ -32,6 +32,7 @@ from pathlib import Path
 import pytest
 import requests
 
+from app.accounting.billing import prompt_upper_bound
 from app.accounting.credits import to_credits
 from app.store.models import ApiKey
 from app.store.models import Usage
@@ -134,7 +135,7 @@ def key_info(gw: Gateway, key: str) -> requests.Response:
 
 
 def worst_case(raw: bytes, max_tokens: int) -> int:
-    return len(raw) * PAID_IN + max_tokens * PAID_OUT
+    return prompt_upper_bound(json.loads(raw)) * PAID_IN + max_tokens * PAID_OUT
 
 
 def price(prompt_tokens: int, completion_tokens: int) -> int:
