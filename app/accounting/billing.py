@@ -91,7 +91,7 @@ def prompt_upper_bound(body: dict) -> int:
       preamble.
 
     The JSON punctuation around message text (quotes, keys, commas, escapes) is not counted: it is not part of
-    the prompt. A short English message therefore reserves about three times its real cost, not ten.
+    the prompt. A short English message therefore reserves a few times its real cost, no longer ten.
     """
     total = REQUEST_TOKENS
     for name, value in body.items():
