@@ -19,8 +19,6 @@ import sys
 from decimal import Decimal
 from importlib.metadata import PackageNotFoundError
 from importlib.metadata import version as package_version
-from urllib.parse import urlsplit
-from urllib.parse import urlunsplit
 
 import click
 from peewee import Case
@@ -44,19 +42,7 @@ from .store.models import make_database
 from .settings import ROOT
 from .settings import from_env
 from .text import plural
-
-
-def redact(url: str) -> str:
-    """A database or storage URL fit to print: its password (if any) replaced by ``***``."""
-    try:
-        parts = urlsplit(url)
-        if parts.password is None:
-            return url
-        host = parts.hostname or ""
-        netloc = f"{parts.username or ''}:***@{host}" + (f":{parts.port}" if parts.port else "")
-        return urlunsplit(parts._replace(netloc=netloc))
-    except ValueError:                 # not a URL at all: say nothing of what it holds
-        return "<unparseable URL>"
+from .text import redact
 
 
 def _settings() -> dict:
