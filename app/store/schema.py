@@ -12,9 +12,9 @@ from __future__ import annotations
 
 from typing import Callable
 
-from peewee import BooleanField
 from peewee import CharField
 from peewee import Database
+from peewee import PostgresqlDatabase
 from peewee import PeeweeException
 from playhouse.migrate import SchemaMigrator
 
@@ -46,7 +46,11 @@ def _v3_disabled_unlimited_refusals(migrator: SchemaMigrator) -> list:
     """
     database = migrator.database
     database.create_tables([Refusal], safe=True)
-    return [migrator.add_column("api_key", "disabled", BooleanField(default=False)),
+    # One ALTER TABLE ... NOT NULL DEFAULT, not playhouse's add_column: on SQLite that rebuilds a NOT NULL
+    # column's table (copy, DROP, rename), and dropping api_key with foreign keys on cascades to its
+    # credit entries and ledger rows.
+    false = "FALSE" if isinstance(database, PostgresqlDatabase) else "0"
+    return [lambda: database.execute_sql(f"ALTER TABLE api_key ADD COLUMN disabled BOOLEAN NOT NULL DEFAULT {false}"),
             lambda: _v3_zero_limits_to_disabled(database)]
 
 
