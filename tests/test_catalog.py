@@ -134,11 +134,12 @@ def test_environment_values_and_defaults(tmp_path, monkeypatch):
 @pytest.mark.parametrize("value, env, message", [
     ('base_url = "${CAT_UNSET}"', {}, r"c\.toml:7: the environment variable CAT_UNSET is not set"),
     ('base_url = "${CAT_URL-x}"', {}, r"c\.toml:7: .* is not \$\{NAME\} or \$\{NAME:-default\}"),
-    ('base_url = "${CAT_URL}"', {"CAT_URL": "ftp://x"}, r"c\.toml:7: base_url must be an http"),
+    ('base_url = "http://${CAT_HOST}:9/v1"', {}, r"c\.toml:7: the environment variable CAT_HOST is not set"),
 ])
 def test_environment_mistakes_name_the_variable_and_line(tmp_path, monkeypatch, value, env, message):
     monkeypatch.delenv("CAT_UNSET", raising=False)
     monkeypatch.delenv("CAT_URL", raising=False)
+    monkeypatch.delenv("CAT_HOST", raising=False)
     for name, v in env.items():
         monkeypatch.setenv(name, v)
     text = GOOD.replace('base_url = "http://127.0.0.1:9/v1"', value)
