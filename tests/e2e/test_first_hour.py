@@ -53,13 +53,13 @@ def _chat(client, model="free-model"):
 
 
 def test_disabled_unlimited_singular_and_refusal_counts(gateway_factory):
-    gw = gateway_factory(rpm=1)
-    limited, poor, free = gw.create_key("limited"), gw.create_key("poor"), gw.create_key("free", rpm="none")
+    gw = gateway_factory(rpm=1000, rpd=1)           # the day, not the minute: no window edge between two calls
+    limited, poor, free = gw.create_key("limited"), gw.create_key("poor"), gw.create_key("free", rpd="none")
 
     _chat(gw.client(limited))
     with pytest.raises(openai.RateLimitError) as err:
         _chat(gw.client(limited))
-    assert "1 request per minute" in err.value.message           # not "1 requests"
+    assert "1 request per day" in err.value.message              # not "1 requests"
 
     with pytest.raises(openai.APIStatusError) as err:
         _chat(gw.client(poor), "paid-model")
@@ -73,12 +73,13 @@ def test_disabled_unlimited_singular_and_refusal_counts(gateway_factory):
     assert models.status_code == 401 and models.json()["error"]["code"] == "key_disabled"
 
     gw.cli("keys", "enable", "free")
-    for _ in range(3):                                            # over the catalogue's 1 per minute: no limit
+    for _ in range(3):                                            # over the catalogue's 1 per day: no limit
         raw = gw.client(free).chat.completions.with_raw_response.create(model="free-model", messages=MSG)
         assert raw.http_response.status_code == 200
-        assert "X-RateLimit-Remaining-RPM" not in raw.headers and raw.headers["X-RateLimit-Remaining-RPD"]
+        assert "X-RateLimit-Remaining-RPD" not in raw.headers and raw.headers["X-RateLimit-Remaining-RPM"]
+        assert raw.headers["x-ratelimit-limit-requests"] == "1000"   # OpenAI's headers speak of the limited window
     info = requests.get(gw.base_url + "/key", headers={"Authorization": f"Bearer {free}"}, timeout=10).json()["data"]
-    assert (info["rpm"], info["remaining_rpm"], info["rpd"], info["remaining_rpd"]) == (None, None, 50, 47)
+    assert (info["rpd"], info["remaining_rpd"], info["rpm"]) == (None, None, 1000)
 
     report = {r["key"]: r for r in json.loads(gw.cli("usage", "--by", "key", "--json").stdout)}
     assert report["limited"]["refused"] == {"rate_limited": 1} and report["limited"]["requests"] == 1
