@@ -16,6 +16,7 @@ from .server import forwarded
 from .server import health
 from .server import logs
 from .server import metrics
+from .server import refusals
 from .store import models
 from .store import schema
 from .keys import KeyCache
@@ -62,4 +63,5 @@ def create_app(test_config: dict | None = None) -> Flask:
     health.init_app(app)
     metrics.init_app(app)
     logs.init_app(app)
+    refusals.init_app(app)
     return app

@@ -18,7 +18,8 @@ from .state import state
 def authenticate() -> KeyInfo:
     """Return the calling key, memoised on ``g`` for the rest of the request.
 
-    :raise AuthenticationError: 401 when the key is missing, malformed, unknown or revoked.
+    :raise AuthenticationError: 401 when the key is missing, malformed, unknown or revoked (``invalid_api_key``),
+        or disabled (``key_disabled``, until ``boundless keys enable``).
     """
     key = g.get("_boundless_key")
     if key is not None:
@@ -34,5 +35,9 @@ def authenticate() -> KeyInfo:
     info = state().keys.lookup(token)
     if info is None:
         raise AuthenticationError(f"Incorrect API key provided: {mask(token)}. The key is unknown or revoked.")
+    if info.disabled:
+        g.boundless_refused_key = info         # known, so its refusal is counted (app/server/reporting.py)
+        raise AuthenticationError(f"The API key {mask(token)} is disabled. Ask the gateway's operator to enable "
+                                  f"it again.", code="key_disabled")
     g._boundless_key = info
     return info

@@ -7,6 +7,11 @@ The catalogue: providers, models, prices and default limits, read once from a TO
 Every mistake in the file is refused at start-up with the line it is on, so a running gateway always has a
 valid catalogue. Prices are :class:`~decimal.Decimal` credits per 1M tokens (TOML floats are parsed as
 decimals, never as binary floats). This module does not import Flask.
+
+Any string value may name environment variables, read once when the file is loaded: ``"${NAME}"`` is the
+variable's value (unset: a start-up error naming it), ``"${NAME:-default}"`` its value or ``default`` when it
+is unset or empty, and ``$${`` a literal ``${``. A number may be written the same way (``rpm = "${RPM:-20}"``):
+a value that came from the environment is read as a number where the catalogue needs one.
 """
 from __future__ import annotations
 
@@ -119,10 +124,67 @@ def _split_dotted(s: str) -> list[str]:
     return [p.strip().strip('"').strip("'") for p in re.findall(r'"[^"]*"|\'[^\']*\'|[^.]+', s)]
 
 
-def load(path: str | os.PathLike) -> Catalog:
-    """Read and validate the catalogue at ``path``.
+#: ``$${`` (a literal ``${``), or ``${NAME}`` / ``${NAME:-default}``; NAME as in a POSIX shell.
+_VAR = re.compile(r"\$\$\{|\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+#: A ``${`` that the pattern above did not take: a mistake (``${1X}``, ``${NAME``, ``${NAME-x}``).
+_BAD_VAR = re.compile(r"(?<!\$)\$\{")
 
-    :raise ConfigurationError: with ``file:line`` for any unknown key, bad value or dangling reference.
+
+class _FromEnv(str):
+    """A string value that took (part of) its text from the environment: where the catalogue needs a number,
+    such a string is parsed as one (TOML would otherwise make ``"${RPM:-20}"`` a string for good)."""
+
+
+def interpolate(data: dict, where: "_Where", environ: dict | None = None) -> dict:
+    """Return ``data`` with every ``${NAME}`` / ``${NAME:-default}`` in its string values replaced.
+
+    :raise ConfigurationError: ``file:line`` and the variable's name, for a variable that is unset and has no
+        default, or a ``${`` that is not a well-formed reference.
+    """
+    environ = os.environ if environ is None else environ
+
+    def value(v, path: tuple[str, ...]):
+        if isinstance(v, dict):
+            return {k: value(item, path + (k,)) for k, item in v.items()}
+        if isinstance(v, list):
+            return [value(item, path) for item in v]
+        if not isinstance(v, str) or "${" not in v:
+            return v
+        table, key = _location(path)
+        if _BAD_VAR.search(_VAR.sub("", v)):
+            raise where.error(f"{v!r} has a ${{ that is not ${{NAME}} or ${{NAME:-default}} "
+                              f"(write $${{ for a literal ${{)", table, key)
+
+        def sub(m: re.Match) -> str:
+            if m.group(0) == "$${":
+                return "${"
+            name, default = m.group(1), m.group(2)
+            got = environ.get(name)
+            if got is None or (got == "" and default is not None):
+                if default is None:
+                    raise where.error(f"the environment variable {name} is not set (and {m.group(0)} gives no "
+                                      f"default: write ${{{name}:-default}} for one)", table, key)
+                return default
+            return got
+
+        out = _VAR.sub(sub, v)
+        return _FromEnv(out) if _VAR.search(v.replace("$${", "")) else out
+
+    return value(data, ())
+
+
+def _location(path: tuple[str, ...]) -> tuple[tuple[str, ...], str | None]:
+    """The (table, key) of a value's path, as _Where finds lines: ``[providers.p] base_url``, ``[limits] rpm``."""
+    depth = 2 if path and path[0] in ("providers", "models") else 1
+    table = tuple(path[:depth]) if len(path) > depth else tuple(path[:-1])
+    return table, (path[len(table)] if len(path) > len(table) else None)
+
+
+def load(path: str | os.PathLike) -> Catalog:
+    """Read and validate the catalogue at ``path``, with its ``${NAME:-default}`` values filled in.
+
+    :raise ConfigurationError: with ``file:line`` for any unknown key, bad value, dangling reference or unset
+        environment variable.
     """
     path = str(path)
     try:
@@ -133,7 +195,8 @@ def load(path: str | os.PathLike) -> Catalog:
         data = tomllib.loads(text, parse_float=Decimal)
     except tomllib.TOMLDecodeError as err:
         raise ConfigurationError(f"{path}: {err}") from err
-    return parse(data, _Where(path, text))
+    where = _Where(path, text)
+    return parse(interpolate(data, where), where)
 
 
 def parse(data: dict, where: _Where) -> Catalog:
@@ -162,6 +225,8 @@ def _unknown(spec: dict, allowed: set[str], table: tuple[str, ...], where: _Wher
 
 def _int(spec: dict, key: str, default: int, table: tuple[str, ...], where: _Where, minimum: int = 0) -> int:
     value = spec.get(key, default)
+    if isinstance(value, _FromEnv) and re.fullmatch(r"\s*-?[0-9]+\s*", value):
+        value = int(value)
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise where.error(f"{key} must be an integer >= {minimum}, not {value!r}", table, key)
     return value
@@ -202,6 +267,11 @@ def _parse_provider(name: str, spec: dict, where: _Where) -> Provider:
 
 def _price(spec: dict, key: str, table: tuple[str, ...], where: _Where) -> Decimal:
     value = spec.get(key, 0)
+    if isinstance(value, _FromEnv):
+        try:
+            value = Decimal(value.strip())
+        except ArithmeticError:
+            pass                         # refused below, with the text as it came from the environment
     if isinstance(value, bool) or not isinstance(value, (int, Decimal)) or not Decimal(value).is_finite():
         raise where.error(f"{key} must be a number of credits per 1M tokens, not {value!r}", table, key)
     value = Decimal(value)

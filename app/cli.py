@@ -3,17 +3,26 @@ app.cli
 ~~~~~~~
 
 The ``boundless`` command: serve, keys, usage, db. It works while the server runs, on the same database.
+
+Every failure is one line on stderr, ``Error: ...``, and exit status 1: a user's mistake (a bad argument, an
+unknown name, an unreachable database, a path that does not exist) never shows a traceback.
 """
 from __future__ import annotations
 
 import datetime
+import errno
 import json
 import os
+import socket
+import sqlite3
 import sys
 from decimal import Decimal
+from importlib.metadata import PackageNotFoundError
+from importlib.metadata import version as package_version
 
 import click
 from peewee import Case
+from peewee import PeeweeException
 from peewee import fn
 
 from . import keys as keyadmin
@@ -25,22 +34,40 @@ from .server.lifecycle import settle_owner
 from .server.lifecycle import settle_silent
 from .errors import ConfigurationError
 from .store.models import ApiKey
+from .store.models import Refusal
 from .store.models import Usage
 from .store.models import db
 from .store.models import backup_sqlite
 from .store.models import make_database
 from .settings import ROOT
 from .settings import from_env
+from .text import plural
+from .text import redact
+
+
+def _settings() -> dict:
+    try:
+        return from_env()
+    except ValueError as err:          # e.g. BOUNDLESS_MAX_BODY_BYTES=lots
+        raise ConfigurationError(f"a BOUNDLESS_* setting is not valid: {err}") from err
 
 
 def _open_db(ensure: bool = True) -> dict:
-    cfg = from_env()
-    url = cfg["BOUNDLESS_DATABASE_URL"]
+    cfg = _settings()
+    url = str(cfg["BOUNDLESS_DATABASE_URL"])
     if url.startswith("sqlite:///"):
         path = url[len("sqlite:///"):]
         if path and path != ":memory:":
-            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    db.initialize(make_database(url))
+            try:
+                os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+            except OSError as err:
+                raise ConfigurationError(f"BOUNDLESS_DATABASE_URL={url}: cannot create the folder of the "
+                                         f"database: {err.strerror}") from err
+    try:
+        db.initialize(make_database(url))
+    except (ValueError, RuntimeError, ImportError) as err:     # bad scheme, no driver installed
+        raise ConfigurationError(f"BOUNDLESS_DATABASE_URL={redact(url)} is not usable: {err} (expected "
+                                 f"sqlite:///PATH, postgresql://... or mysql://...)") from err
     if ensure:
         with db.connection_context():
             schema.ensure()
@@ -54,30 +81,126 @@ def _catalog(cfg: dict) -> Catalog | None:
         return None
 
 
-class _Group(click.Group):
-    """Turn ConfigurationError into a one-line message and exit status 1, never a traceback."""
+def _one_line(text: str) -> str:
+    return " ".join(str(text).split())
 
-    def invoke(self, ctx):
+
+class _Root(click.Group):
+    """The ``boundless`` group: every failure one line on stderr and exit 1; ``--help`` lists every command."""
+
+    def main(self, args=None, prog_name=None, **extra):
         try:
-            return super().invoke(ctx)
+            code = super().main(args, prog_name or "boundless", standalone_mode=False, **extra)
+        except click.exceptions.NoArgsIsHelpError as err:     # bare `boundless` or `boundless keys`: the help
+            click.echo(err.ctx.get_help())
+            code = 0
+        except click.UsageError as err:
+            hint = f" (see `{err.ctx.command_path} --help`)" if err.ctx is not None else ""
+            code = _fail(err.format_message() + hint)
+        except click.ClickException as err:
+            code = _fail(err.format_message())
+        except click.Abort:
+            code = _fail("aborted")
         except ConfigurationError as err:
-            raise click.ClickException(str(err)) from None
+            code = _fail(str(err))
+        except PeeweeException as err:          # unreachable or broken database
+            url = redact(str(_settings().get("BOUNDLESS_DATABASE_URL", "")))
+            first = str(err).strip().splitlines()[0] if str(err).strip() else repr(err)
+            code = _fail(f"the database {url} failed: {first}")
+        except (OSError, sqlite3.Error) as err:
+            code = _fail(str(err))
+        sys.exit(code if isinstance(code, int) else 0)
+
+    def format_commands(self, ctx, formatter) -> None:
+        """Every command, sub-commands included (``keys create`` ...), one line each."""
+        rows = []
+
+        def walk(group: click.Group, prefix: str) -> None:
+            for name in group.list_commands(ctx):
+                cmd = group.get_command(ctx, name)
+                if cmd is None or cmd.hidden:
+                    continue
+                if isinstance(cmd, click.Group):
+                    walk(cmd, f"{prefix}{name} ")
+                else:
+                    rows.append((prefix + name, cmd.get_short_help_str(limit=60)))
+
+        walk(self, "")
+        with formatter.section("Commands"):
+            formatter.write_dl(rows, col_spacing=2)
 
 
-@click.group(cls=_Group)
+def _fail(message: str) -> int:
+    click.echo(f"Error: {_one_line(message)}", err=True)
+    return 1
+
+
+def _version() -> str:
+    try:
+        return package_version("boundless")
+    except PackageNotFoundError:
+        return "unknown (not installed)"
+
+
+@click.group(cls=_Root, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(_version(), "--version", "-V", prog_name="boundless", message="%(prog)s %(version)s")
 def main() -> None:
-    """Boundless, an OpenAI-compatible LLM API gateway."""
+    """Boundless, an OpenAI-compatible LLM API gateway.
+
+    Settings come from BOUNDLESS_* environment variables (README, "Configuration"); the keys, credit and
+    ledger live in BOUNDLESS_DATABASE_URL (default: instance/boundless.db in the install folder).
+    """
 
 
 # --------------------------------------------------------------------------------------------------
 # serve
 # --------------------------------------------------------------------------------------------------
 
+def check_bind(value: str) -> str:
+    """Check a gunicorn bind address now, so that a mistake is named at once instead of after gunicorn's
+    retries: ``HOST:PORT`` (``[::1]:8000`` for IPv6) or ``unix:PATH``.
+
+    :raise ConfigurationError: saying what is wrong with it.
+    """
+    if value.startswith("unix:"):
+        path = value[len("unix:"):]
+        folder = os.path.dirname(os.path.abspath(path)) if path else ""
+        if not path or not os.path.isdir(folder):
+            raise ConfigurationError(f"--bind {value!r}: the folder of the socket, {folder or '(none)'}, "
+                                     f"does not exist")
+        return value
+    host, sep, port = value.rpartition(":")
+    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    if not sep or not host:
+        raise ConfigurationError(f"--bind {value!r} is not HOST:PORT (e.g. 127.0.0.1:8000) or unix:PATH")
+    if not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise ConfigurationError(f"--bind {value!r}: the port must be a number from 1 to 65535, not {port!r}")
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, int(port), type=socket.SOCK_STREAM)[0]
+    except (socket.gaierror, UnicodeError) as err:
+        raise ConfigurationError(f"--bind {value!r}: the host {host!r} is not a known name or address "
+                                 f"({getattr(err, 'strerror', None) or err})") from err
+    with socket.socket(family, kind, proto) as probe:      # the address free and ours, as gunicorn will need
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(address)
+        except OSError as err:
+            why = {errno.EADDRINUSE: "is already in use (another `boundless serve`? stop it, or choose another "
+                                     "port with --bind)",
+                   errno.EADDRNOTAVAIL: f"is not an address of this machine ({host!r})",
+                   errno.EACCES: "needs more privileges (ports below 1024)"}.get(err.errno, f": {err.strerror}")
+            raise ConfigurationError(f"--bind {value!r} {why}") from err
+    return value
+
+
 @main.command()
-@click.option("--bind", "-b", default=None, help="HOST:PORT to listen on (default from gunicorn.conf.py).")
-@click.option("--workers", "-w", type=int, default=None, help="Number of worker processes.")
+@click.option("--bind", "-b", default=None, help="HOST:PORT or unix:PATH to listen on (default 127.0.0.1:8000, "
+                                                 "or BOUNDLESS_BIND).")
+@click.option("--workers", "-w", type=click.IntRange(min=1), default=None, help="Number of worker processes "
+                                                                                "(default 2, or BOUNDLESS_WORKERS).")
 def serve(bind: str | None, workers: int | None) -> None:
-    """Start the gateway under gunicorn with the shipped gunicorn.conf.py."""
+    """Start the gateway (gunicorn with gunicorn.conf.py)."""
+    check_bind(bind or os.environ.get("BOUNDLESS_BIND") or "127.0.0.1:8000")
     cfg = _open_db()            # creates an empty database once, before any worker starts
     load_catalog(cfg["BOUNDLESS_CONFIG"])  # refuse to start on a bad catalogue, with its line
     db.close()
@@ -96,35 +219,50 @@ def serve(bind: str | None, workers: int | None) -> None:
 
 @main.group()
 def keys() -> None:
-    """Create, list, update, top up and revoke API keys."""
+    """Create, list, update, top up, disable, enable and revoke API keys."""
 
 
 @keys.command("create")
 @click.option("--name", required=True, help="A unique name for the key.")
-@click.option("--rpm", type=click.IntRange(min=0), default=None, help="Requests per minute (default: catalogue).")
-@click.option("--rpd", type=click.IntRange(min=0), default=None, help="Requests per day (default: catalogue).")
+@click.option("--rpm", default=None, metavar="N|none",
+              help="Requests per minute: a positive number, or none for no limit (default: the catalogue's).")
+@click.option("--rpd", default=None, metavar="N|none",
+              help="Requests per day: a positive number, or none for no limit (default: the catalogue's).")
 @click.option("--credit", type=str, default=None, help="Opening balance in credits for paid models.")
-def keys_create(name: str, rpm: int | None, rpd: int | None, credit: str | None) -> None:
+def keys_create(name: str, rpm: str | None, rpd: str | None, credit: str | None) -> None:
     """Create a key and print it (shown this once only)."""
-    _open_db()
-    key = keyadmin.create(name, rpm=rpm, rpd=rpd, credit=credit)
+    limits = {opt: keyadmin.parse_limit(text, opt) for opt, text in (("rpm", rpm), ("rpd", rpd)) if text is not None}
+    cfg = _open_db()
+    key = keyadmin.create(name, credit=credit, **limits)
     click.echo(key)
-    click.echo(f"created key {name!r}; store it now, it cannot be shown again", err=True)
+    click.echo(f"created key {name!r} in {redact(str(cfg['BOUNDLESS_DATABASE_URL']))}; store the key now, it "
+               f"cannot be shown again", err=True)
+
+
+def _shown_limit(stored: int | None, default: int | None) -> int | str | None:
+    """A key's limit as listed: a number, "none" (no limit), or "default" when the catalogue is unreadable."""
+    if stored is None and default is None:
+        return "default"
+    limit = keyadmin.effective_limit(stored, default)
+    return "none" if limit is None else limit
 
 
 @keys.command("list")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def keys_list(as_json: bool) -> None:
-    """Show every key: name, prefix, limits, balance, spent, state."""
+    """Show every key: prefix, limits, balance, spent, state."""
     cfg = _open_db()
     cat = _catalog(cfg)
     d_rpm, d_rpd = (cat.limits.rpm, cat.limits.rpd) if cat else (None, None)
     rows = []
     for k in keyadmin.all_keys():
-        rows.append({"name": k.name, "prefix": k.prefix + "...", "rpm": k.rpm if k.rpm is not None else d_rpm,
-                     "rpd": k.rpd if k.rpd is not None else d_rpd, "balance": str(to_credits(k.balance)),
-                     "spent": str(to_credits(k.spent)), "state": "revoked" if k.revoked else "active"})
+        state = "revoked" if k.revoked else "disabled" if k.disabled else "active"
+        rows.append({"name": k.name, "prefix": k.prefix + "...", "rpm": _shown_limit(k.rpm, d_rpm),
+                     "rpd": _shown_limit(k.rpd, d_rpd), "balance": str(to_credits(k.balance)),
+                     "spent": str(to_credits(k.spent)), "state": state})
     if as_json:
+        for r in rows:            # JSON: null for no limit
+            r["rpm"], r["rpd"] = (None if r["rpm"] == "none" else r["rpm"]), (None if r["rpd"] == "none" else r["rpd"])
         click.echo(json.dumps(rows, indent=2))
         return
     _table(["NAME", "PREFIX", "RPM", "RPD", "BALANCE", "SPENT", "STATE"],
@@ -134,32 +272,56 @@ def keys_list(as_json: bool) -> None:
 @keys.command("revoke")
 @click.argument("name")
 def keys_revoke(name: str) -> None:
-    """Revoke a key: its next request gets 401 (within BOUNDLESS_KEY_CACHE_SECONDS)."""
+    """Revoke a key for good: its next request gets 401.
+
+    Within BOUNDLESS_KEY_CACHE_SECONDS; the name stays taken.
+    """
     _open_db()
     keyadmin.revoke(name)
     click.echo(f"revoked key {name!r}")
 
 
+@keys.command("disable")
+@click.argument("name")
+def keys_disable(name: str) -> None:
+    """Stop a key (401 key_disabled) until `keys enable`.
+
+    Unlike revoke, this is undone by `boundless keys enable NAME`.
+    """
+    _open_db()
+    changed = keyadmin.set_disabled(name, True)
+    click.echo(f"disabled key {name!r}" if changed else f"key {name!r} was already disabled")
+
+
+@keys.command("enable")
+@click.argument("name")
+def keys_enable(name: str) -> None:
+    """Let a disabled key call again."""
+    _open_db()
+    changed = keyadmin.set_disabled(name, False)
+    click.echo(f"enabled key {name!r}" if changed else f"key {name!r} was already enabled")
+
+
 @keys.command("update")
 @click.argument("name")
-@click.option("--rpm", type=click.IntRange(min=0), default=None, help="New requests per minute.")
-@click.option("--rpd", type=click.IntRange(min=0), default=None, help="New requests per day.")
+@click.option("--rpm", default=None, metavar="N|none|default",
+              help="New requests per minute: a positive number, none (no limit) or default (the catalogue's).")
+@click.option("--rpd", default=None, metavar="N|none|default",
+              help="New requests per day: a positive number, none (no limit) or default (the catalogue's).")
 @click.option("--credit", type=str, default=None, help="Set the balance to exactly this many credits.")
-def keys_update(name: str, rpm: int | None, rpd: int | None, credit: str | None) -> None:
-    """Change a key's limits or set its balance, without a restart."""
-    _open_db()
-    changes = {}
-    if rpm is not None:
-        changes["rpm"] = rpm
-    if rpd is not None:
-        changes["rpd"] = rpd
+def keys_update(name: str, rpm: str | None, rpd: str | None, credit: str | None) -> None:
+    """Change a key's limits or balance, without a restart."""
+    changes = {opt: keyadmin.parse_limit(text, opt, default=True)
+               for opt, text in (("rpm", rpm), ("rpd", rpd)) if text is not None}
     if not changes and credit is None:
         raise click.UsageError("nothing to change: give --rpm, --rpd or --credit")
+    _open_db()
     keyadmin.update(name, credit=credit, **changes)
     click.echo(f"updated key {name!r}")
 
 
-@keys.command("topup")
+# ignore_unknown_options: `topup me -5` is an amount (refused with its reason), not an unknown option "-5"
+@keys.command("topup", context_settings={"ignore_unknown_options": True})
 @click.argument("name")
 @click.argument("amount")
 def keys_topup(name: str, amount: str) -> None:
@@ -173,7 +335,7 @@ def keys_topup(name: str, amount: str) -> None:
 # usage
 # --------------------------------------------------------------------------------------------------
 
-def _date(value: str | None, end: bool = False) -> datetime.datetime | None:
+def _date(value: str | None, end: bool = False, option: str = "--since") -> datetime.datetime | None:
     if value is None:
         return None
     try:
@@ -185,7 +347,8 @@ def _date(value: str | None, end: bool = False) -> datetime.datetime | None:
             moment = moment.astimezone(datetime.timezone.utc)
         return moment.replace(tzinfo=None)
     except ValueError:
-        raise click.BadParameter(f"{value!r} is not a date (YYYY-MM-DD) or an ISO date-time") from None
+        raise click.BadParameter(f"{value!r} is not a date (YYYY-MM-DD) or an ISO date-time",
+                                 param_hint=option) from None
 
 
 @main.command()
@@ -196,8 +359,15 @@ def _date(value: str | None, end: bool = False) -> datetime.datetime | None:
 @click.option("--by", type=click.Choice(["day", "model", "key"]), default="day", show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def usage(key_name, model, since, until, by, as_json) -> None:
-    """Requests, tokens and credits from the ledger."""
-    _open_db()
+    """Requests, tokens, credits and refusals, from the ledger.
+
+    Grouped by day (UTC), model or key; refused requests (402, 429 ...) are counted by reason.
+    """
+    cfg = _open_db()
+    if key_name and not ApiKey.select().where(ApiKey.name == key_name).exists():
+        raise ConfigurationError(f"no key named {key_name!r} (see `boundless keys list`)")
+    if model and not _known_model(cfg, model):
+        raise ConfigurationError(f"no model named {model!r} in the catalogue or the ledger")
     # DATE() uncoerced: peewee would read SQLite's 'YYYY-MM-DD' back through DateTimeField as a midnight datetime
     group = {"day": fn.DATE(Usage.created_at).coerce(False), "model": Usage.model, "key": ApiKey.name}[by]
     query = (Usage.select(group.alias("grp"), fn.COUNT(Usage.id), fn.SUM(Usage.prompt_tokens),
@@ -212,16 +382,52 @@ def usage(key_name, model, since, until, by, as_json) -> None:
     if since:
         query = query.where(Usage.created_at >= _date(since))
     if until:
-        query = query.where(Usage.created_at < _date(until, end=True))
-    rows = [[str(g), int(n), int(p or 0), int(c or 0), to_credits(int(ch or 0)), int(e or 0)]
-            for g, n, p, c, ch, e in query.group_by(group).order_by(group).tuples()]
+        query = query.where(Usage.created_at < _date(until, end=True, option="--until"))
+    ledger = {str(g): [int(n), int(p or 0), int(c or 0), to_credits(int(ch or 0)), int(e or 0)]
+              for g, n, p, c, ch, e in query.group_by(group).tuples()}
+    refused = _refusals(by, key_name, model, _date(since), _date(until, end=True, option="--until"))
+    groups = sorted(set(ledger) | set(refused), key=lambda g: (g == "", g))
+    rows = [[g or None, *ledger.get(g, [0, 0, 0, Decimal(0), 0]), refused.get(g, {})] for g in groups]
     if as_json:
         click.echo(json.dumps([{by: r[0], "requests": r[1], "prompt_tokens": r[2], "completion_tokens": r[3],
-                                "credits": float(r[4]), "estimated": r[5]} for r in rows], indent=2))
+                                "credits": float(r[4]), "estimated": r[5], "refused": r[6]} for r in rows], indent=2))
         return
     total = ["TOTAL", sum(r[1] for r in rows), sum(r[2] for r in rows), sum(r[3] for r in rows),
-             sum((r[4] for r in rows), Decimal(0)), sum(r[5] for r in rows)]
-    _table([by.upper(), "REQUESTS", "PROMPT", "COMPLETION", "CREDITS", "ESTIMATED"], rows + [total])
+             sum((r[4] for r in rows), Decimal(0)), sum(r[5] for r in rows), sum(sum(r[6].values()) for r in rows)]
+    _table([by.upper(), "REQUESTS", "PROMPT", "COMPLETION", "CREDITS", "ESTIMATED", "REFUSED"],
+           [r[:6] + [sum(r[6].values())] for r in rows] + [total])
+    reasons = [[r[0], reason, n] for r in rows for reason, n in sorted(r[6].items())]
+    if reasons:
+        click.echo()
+        _table([by.upper(), "REFUSED BECAUSE", "REQUESTS"], reasons)
+
+
+def _known_model(cfg: dict, model: str) -> bool:
+    cat = _catalog(cfg)
+    return bool((cat and model in cat.models) or Usage.select().where(Usage.model == model).exists()
+                or Refusal.select().where(Refusal.model == model).exists())
+
+
+def _refusals(by: str, key_name: str | None, model: str | None, since: datetime.datetime | None,
+              until: datetime.datetime | None) -> dict[str, dict[str, int]]:
+    """{group: {reason: count}} of the refused requests; counted per UTC day, so a --since or --until with a
+    time of day takes in the whole day it falls in."""
+    group = {"day": Refusal.day, "model": Refusal.model, "key": ApiKey.name}[by]
+    query = (Refusal.select(group.alias("grp"), Refusal.reason, fn.SUM(Refusal.count))
+             .join(ApiKey))
+    if key_name:
+        query = query.where(ApiKey.name == key_name)
+    if model:
+        query = query.where(Refusal.model == model)
+    if since:
+        query = query.where(Refusal.day >= since.date())
+    if until:
+        query = query.where(Refusal.day < (until.date() if until.time() == datetime.time() else
+                                           until.date() + datetime.timedelta(days=1)))
+    out: dict[str, dict[str, int]] = {}
+    for grp, reason, n in query.group_by(group, Refusal.reason).tuples():
+        out.setdefault(str(grp) if grp is not None else "", {})[reason] = int(n)
+    return out
 
 
 # --------------------------------------------------------------------------------------------------
@@ -235,19 +441,25 @@ def db_group() -> None:
 
 @db_group.command("upgrade")
 def db_upgrade() -> None:
-    """Bring the database schema to this version of Boundless (keeps every row)."""
+    """Bring the schema up to date, keeping every row."""
     _open_db(ensure=False)
     with db.connection_context():
         applied = schema.upgrade()
-    click.echo(f"upgraded to schema version(s) {applied}" if applied else "schema already current")
+    if applied:
+        steps = ", ".join(str(v) for v in applied)
+        click.echo(f"upgraded the schema to version {applied[-1]} ({'step' if len(applied) == 1 else 'steps'} "
+                   f"{steps})")
+    else:
+        click.echo("schema already current")
 
 
 @db_group.command("backup")
-@click.argument("path", type=click.Path(dir_okay=False, writable=True))
+@click.argument("path", type=click.Path(dir_okay=False))
 def db_backup(path: str) -> None:
-    """Copy the SQLite database to PATH, consistently, while the server runs (SQLite's online backup API).
+    """Copy the SQLite database to PATH while the server runs.
 
-    For PostgreSQL use pg_dump, for MySQL/MariaDB mysqldump --single-transaction (see docs/deploying.md).
+    A consistent copy, with SQLite's online backup API. For PostgreSQL use pg_dump, for MySQL/MariaDB
+    mysqldump --single-transaction (see docs/deploying.md).
     """
     cfg = _open_db()
     url = str(cfg["BOUNDLESS_DATABASE_URL"])
@@ -257,6 +469,10 @@ def db_backup(path: str) -> None:
     target = os.path.abspath(path)
     if os.path.exists(target):
         raise click.ClickException(f"{target} exists; refusing to overwrite it")
+    if not os.path.isdir(os.path.dirname(target)):
+        raise click.ClickException(f"cannot write {target}: the folder {os.path.dirname(target)} does not exist")
+    if not os.access(os.path.dirname(target), os.W_OK):
+        raise click.ClickException(f"cannot write {target}: the folder {os.path.dirname(target)} is not writable")
     with db.connection_context():
         pages = backup_sqlite(db.connection(), target)
     click.echo(f"backed up {pages} pages to {target}")
@@ -266,11 +482,15 @@ def db_backup(path: str) -> None:
 @click.option("--owner", default=None, help="Only the rows of this worker (INSTANCE:PID), known to be dead.")
 @click.option("--silent", type=float, default=None, help="Settle workers silent this many seconds (default 90).")
 def db_recover(owner: str | None, silent: float | None) -> None:
-    """Settle requests left held by dead workers (gunicorn.conf.py runs it when a worker exits)."""
+    """Settle requests left held by dead workers.
+
+    gunicorn.conf.py runs it at start and whenever a worker exits. Prints nothing when nothing was held.
+    """
     _open_db()
     with db.connection_context():
         n = settle_owner(owner) if owner else settle_silent(**({"silent": silent} if silent is not None else {}))
-    click.echo(f"settled {n} request(s) left by dead workers")
+    if n:                                    # quiet when there is nothing to say (it runs at every start)
+        click.echo(f"settled {plural(n, 'request')} left by dead workers")
 
 
 def _table(header: list, rows: list[list]) -> None:

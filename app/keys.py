@@ -50,8 +50,21 @@ class KeyInfo:
     id: int
     name: str
     prefix: str
-    rpm: int | None
+    rpm: int | None         # as stored: None = the catalogue's default, UNLIMITED = no limit (see effective_limit)
     rpd: int | None
+    disabled: bool = False  # authenticated, but refused with 401 key_disabled until `boundless keys enable`
+
+
+#: Stored in ``api_key.rpm``/``rpd`` for "no limit of this kind" (the CLI's ``none``); NULL is the catalogue's
+#: default. A limit of 0 requests would make a key that can never call: that is what ``disable`` is for.
+UNLIMITED = 0
+
+
+def effective_limit(stored: int | None, default: int) -> int | None:
+    """The limit a key runs under: its own, else the catalogue's ``default``; None when it has no limit."""
+    if stored is None:
+        return default
+    return None if stored == UNLIMITED else stored
 
 
 class KeyCache:
@@ -68,11 +81,11 @@ class KeyCache:
         hit = self._items.get(h)
         if hit is not None and hit[0] > now:
             return hit[1]
-        row = (ApiKey.select(ApiKey.id, ApiKey.name, ApiKey.prefix, ApiKey.rpm, ApiKey.rpd)
+        row = (ApiKey.select(ApiKey.id, ApiKey.name, ApiKey.prefix, ApiKey.rpm, ApiKey.rpd, ApiKey.disabled)
                .where((ApiKey.key_hash == h) & (ApiKey.revoked == False))   # noqa: E712 (SQL, not Python)
                .tuples()
                .first())
-        info = KeyInfo(*row) if row else None
+        info = KeyInfo(*row[:5], disabled=bool(row[5])) if row else None
         if self.ttl > 0:
             with self._lock:
                 if len(self._items) > 10_000:
@@ -85,9 +98,36 @@ class KeyCache:
 # Administration (the CLI)
 # --------------------------------------------------------------------------------------------------
 
+def parse_limit(text: str, name: str, default: bool = False) -> int | None:
+    """Read a ``--rpm``/``--rpd`` value: a positive whole number, or ``none`` for no limit of this kind
+    (stored as :data:`UNLIMITED`); with ``default``, also ``default`` for the catalogue's (stored as None).
+
+    :raise ConfigurationError: for 0 (a key that can never call: the message points to ``keys disable``) and
+        anything that is not a positive number, ``none`` (or ``default``).
+    """
+    word = text.strip().lower()
+    if word == "none":
+        return UNLIMITED
+    if default and word == "default":
+        return None
+    also = ", `none` (no limit)" + (" or `default` (the catalogue's)" if default else "")
+    try:
+        value = int(word)
+    except ValueError:
+        raise ConfigurationError(f"--{name} must be a positive number of requests{also}, not {text!r}") from None
+    if value == 0:
+        raise ConfigurationError(f"--{name} 0 would refuse every request of the key: to stop a key for a while use "
+                                 f"`boundless keys disable NAME` (and `enable` to reopen it); for no limit give "
+                                 f"--{name} none")
+    if value < 0:
+        raise ConfigurationError(f"--{name} must be a positive number of requests{also}, not {text!r}")
+    return value
+
+
 def _limit(value: int | None, name: str) -> int | None:
-    if value is not None and value < 0:
-        raise ConfigurationError(f"--{name} must be 0 or more")
+    """Check a stored limit: None (the catalogue's), UNLIMITED, or a positive number."""
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+        raise ConfigurationError(f"--{name} must be a positive number of requests or none")
     return value
 
 
@@ -117,15 +157,31 @@ def get(name: str) -> ApiKey:
 
 
 def revoke(name: str) -> None:
+    """Revoke a key for good: it gets 401 ``invalid_api_key`` from its next request (the cache's TTL)."""
     row = get(name)
     ApiKey.update(revoked=True, revoked_at=utcnow()).where(ApiKey.id == row.id).execute()
+
+
+def set_disabled(name: str, disabled: bool) -> bool:
+    """Disable a key (401 ``key_disabled`` until enabled) or enable it again; return whether it changed.
+
+    Unlike a revocation this is undone by ``enable``; a revoked key stays revoked.
+    :raise ConfigurationError: no such key, or the key is revoked.
+    """
+    row = get(name)
+    if row.revoked:
+        raise ConfigurationError(f"the key {name!r} is revoked, and a revocation is final: create a new key")
+    return bool(ApiKey.update(disabled=disabled)
+                .where((ApiKey.id == row.id) & (ApiKey.disabled == (not disabled)))
+                .execute())
 
 
 _UNSET = object()
 
 
 def update(name: str, rpm=_UNSET, rpd=_UNSET, credit: Decimal | str | None = None) -> None:
-    """Change a key's limits (None = back to the catalogue default) and/or set its balance exactly."""
+    """Change a key's limits (None = back to the catalogue default, UNLIMITED = none) and/or set its balance
+    exactly."""
     row = get(name)
     fields = {}
     if rpm is not _UNSET:
@@ -170,5 +226,5 @@ def all_keys() -> list[ApiKey]:
     return list(ApiKey.select().order_by(ApiKey.id))
 
 
-__all__ = ["KeyCache", "KeyInfo", "all_keys", "create", "digest", "get", "mask", "mint", "revoke",
-           "topup", "update"]
+__all__ = ["KeyCache", "KeyInfo", "UNLIMITED", "all_keys", "create", "digest", "effective_limit", "get", "mask",
+           "mint", "parse_limit", "revoke", "set_disabled", "topup", "update"]

@@ -15,6 +15,7 @@ from flask import current_app
 
 from .catalog import Catalog
 from .keys import KeyCache
+from .keys import effective_limit
 from .limits.ratelimit import RateLimiter
 from .upstream.streams import OpenStreams
 from .upstream.client import UpstreamClient
@@ -34,9 +35,10 @@ class State:
         for hook in self.finish_hooks:
             hook(lease, outcome)
 
-    def limits_for(self, key) -> tuple[int, int]:
+    def limits_for(self, key) -> tuple[int | None, int | None]:
+        """The key's (rpm, rpd): its own or the catalogue's; None for a window it has no limit in."""
         d = self.catalog.limits
-        return (key.rpm if key.rpm is not None else d.rpm, key.rpd if key.rpd is not None else d.rpd)
+        return effective_limit(key.rpm, d.rpm), effective_limit(key.rpd, d.rpd)
 
 
 def state() -> State:

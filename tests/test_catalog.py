@@ -93,3 +93,68 @@ def test_unknown_top_level_and_syntax_errors(tmp_path):
         load(tmp_path, GOOD + "\n[[broken\n")
     with pytest.raises(ConfigurationError, match="cannot read the catalogue"):
         catalog.load(tmp_path / "missing.toml")
+
+
+# --------------------------------------------------------------------------------------------------
+# ${NAME:-default} (issue 19.2)
+# --------------------------------------------------------------------------------------------------
+
+ENV_CATALOG = """\
+[limits]
+rpm = "${CAT_RPM:-7}"
+
+[providers.p]
+base_url = "${CAT_URL:-http://127.0.0.1:9100/v1}"
+headers = { X-Team = "team-${CAT_TEAM:-none}", X-Literal = "$${NOT_A_VAR}" }
+
+[models."m"]
+provider = "p"
+input_price = "${CAT_PRICE:-0.5}"
+"""
+
+
+def test_environment_values_and_defaults(tmp_path, monkeypatch):
+    for name in ("CAT_RPM", "CAT_URL", "CAT_TEAM", "CAT_PRICE"):
+        monkeypatch.delenv(name, raising=False)
+    cat = load(tmp_path, ENV_CATALOG)
+    assert cat.providers["p"].base_url == "http://127.0.0.1:9100/v1"
+    assert cat.providers["p"].headers == {"X-Team": "team-none", "X-Literal": "${NOT_A_VAR}"}
+    assert cat.limits.rpm == 7 and cat.models["m"].input_price == Decimal("0.5")
+
+    monkeypatch.setenv("CAT_URL", "http://127.0.0.1:9200/v1")
+    monkeypatch.setenv("CAT_RPM", "30")
+    monkeypatch.setenv("CAT_TEAM", "blue")
+    monkeypatch.setenv("CAT_PRICE", "1.25")
+    cat = load(tmp_path, ENV_CATALOG)
+    assert cat.providers["p"].base_url == "http://127.0.0.1:9200/v1"
+    assert cat.providers["p"].headers["X-Team"] == "team-blue"
+    assert cat.limits.rpm == 30 and cat.models["m"].input_price == Decimal("1.25")
+
+
+@pytest.mark.parametrize("value, env, message", [
+    ('base_url = "${CAT_UNSET}"', {}, r"c\.toml:7: the environment variable CAT_UNSET is not set"),
+    ('base_url = "${CAT_URL-x}"', {}, r"c\.toml:7: .* is not \$\{NAME\} or \$\{NAME:-default\}"),
+    ('base_url = "http://${CAT_HOST}:9/v1"', {}, r"c\.toml:7: the environment variable CAT_HOST is not set"),
+])
+def test_environment_mistakes_name_the_variable_and_line(tmp_path, monkeypatch, value, env, message):
+    monkeypatch.delenv("CAT_UNSET", raising=False)
+    monkeypatch.delenv("CAT_URL", raising=False)
+    monkeypatch.delenv("CAT_HOST", raising=False)
+    for name, v in env.items():
+        monkeypatch.setenv(name, v)
+    text = GOOD.replace('base_url = "http://127.0.0.1:9/v1"', value)
+    with pytest.raises(ConfigurationError, match=message):
+        load(tmp_path, text)
+
+
+def test_a_number_from_the_environment_must_be_a_number(tmp_path, monkeypatch):
+    monkeypatch.setenv("CAT_RPM", "lots")
+    with pytest.raises(ConfigurationError, match=r"c\.toml:2: rpm must be an integer >= 0, not 'lots'"):
+        load(tmp_path, ENV_CATALOG)
+
+
+def test_offline_catalogue_follows_mock_upstream_url(monkeypatch):
+    monkeypatch.delenv("MOCK_UPSTREAM_URL", raising=False)
+    assert catalog.load(ROOT / "config" / "offline.toml").providers["mock"].base_url == "http://127.0.0.1:9100/v1"
+    monkeypatch.setenv("MOCK_UPSTREAM_URL", "http://127.0.0.1:9300/v1")
+    assert catalog.load(ROOT / "config" / "offline.toml").providers["mock"].base_url == "http://127.0.0.1:9300/v1"

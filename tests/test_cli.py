@@ -11,6 +11,7 @@ import hashlib
 import json
 import os
 import re
+import socket
 import subprocess
 import uuid
 from pathlib import Path
@@ -23,6 +24,7 @@ from app.store import schema
 from app.accounting.credits import to_credits
 from app.store.models import ApiKey
 from app.store.models import CreditEntry
+from app.store.models import Refusal
 from app.store.models import Usage
 from app.store.models import db
 from app.store.models import make_database
@@ -175,7 +177,7 @@ def test_topup_and_update(cli):
     refused = cli.refusals(("keys", "update", "gina", "--credit", "-1"),
                            ("keys", "update", "nobody", "--credit", "1"))
     assert "negative" in refused[0] and "no key named" in refused[1]
-    assert "nothing to change" in cli.fails("keys", "update", "gina", code=2)
+    assert "nothing to change" in cli.fails("keys", "update", "gina")     # every failure exits 1 (issue 19.1)
     listed = cli.listing()["gina"]
     assert (listed["balance"], listed["rpm"], listed["rpd"]) == ("3", 7, 50)
 
@@ -239,30 +241,31 @@ def test_usage_report(cli):
         ("usage", "--since", "March"))
 
     rows = table(by_day.stdout)
-    assert rows == [["DAY", "REQUESTS", "PROMPT", "COMPLETION", "CREDITS", "ESTIMATED"],
-                    ["2024-03-01", "3", "117", "58", "0.22", "1"],
-                    ["2024-03-02", "1", "1", "1", "0.003", "0"],
-                    ["2024-03-05", "1", "4", "4", "0", "0"],
-                    ["TOTAL", "5", "122", "63", "0.223", "1"]]
+    assert rows == [["DAY", "REQUESTS", "PROMPT", "COMPLETION", "CREDITS", "ESTIMATED", "REFUSED"],
+                    ["2024-03-01", "3", "117", "58", "0.22", "1", "0"],
+                    ["2024-03-02", "1", "1", "1", "0.003", "0", "0"],
+                    ["2024-03-05", "1", "4", "4", "0", "0", "0"],
+                    ["TOTAL", "5", "122", "63", "0.223", "1", "0"]]
     assert json.loads(by_model.stdout) == [
         {"model": "free-model", "requests": 2, "prompt_tokens": 11, "completion_tokens": 7, "credits": 0,
-         "estimated": 0},
+         "estimated": 0, "refused": {}},
         {"model": "paid-model", "requests": 3, "prompt_tokens": 111, "completion_tokens": 56, "credits": 0.223,
-         "estimated": 1}]
-    assert table(by_key.stdout) == [["KEY", "REQUESTS", "PROMPT", "COMPLETION", "CREDITS", "ESTIMATED"],
-                                     ["ivy", "3", "18", "9", "0.023", "0"],
-                                     ["jack", "2", "104", "54", "0.2", "1"],
-                                     ["TOTAL", "5", "122", "63", "0.223", "1"]]
+         "estimated": 1, "refused": {}}]
+    assert table(by_key.stdout) == [["KEY", "REQUESTS", "PROMPT", "COMPLETION", "CREDITS", "ESTIMATED", "REFUSED"],
+                                     ["ivy", "3", "18", "9", "0.023", "0", "0"],
+                                     ["jack", "2", "104", "54", "0.2", "1", "0"],
+                                     ["TOTAL", "5", "122", "63", "0.223", "1", "0"]]
     assert json.loads(one_key.stdout) == [
         {"model": "paid-model", "requests": 1, "prompt_tokens": 100, "completion_tokens": 50, "credits": 0.2,
-         "estimated": 1}]
+         "estimated": 1, "refused": {}}]
     assert [(r["day"], r["requests"]) for r in json.loads(since.stdout)] == [("2024-03-02", 1), ("2024-03-05", 1)]
     assert [(r["day"], r["requests"], r["credits"]) for r in json.loads(until.stdout)] == [("2024-03-01", 2, 0.02)]
     assert json.loads(window.stdout) == [
-        {"key": "ivy", "requests": 1, "prompt_tokens": 7, "completion_tokens": 3, "credits": 0, "estimated": 0},
+        {"key": "ivy", "requests": 1, "prompt_tokens": 7, "completion_tokens": 3, "credits": 0, "estimated": 0,
+         "refused": {}},
         {"key": "jack", "requests": 1, "prompt_tokens": 100, "completion_tokens": 50, "credits": 0.2,
-         "estimated": 1}]
-    assert bad.returncode == 2 and "not a date" in bad.stderr
+         "estimated": 1, "refused": {}}]
+    assert bad.returncode == 1 and "not a date" in bad.stderr        # every failure exits 1 (issue 19.1)
 
 
 @pytest.mark.parametrize("database", ["postgres", "mariadb"], indirect=True)
@@ -310,3 +313,184 @@ def test_cli_works_while_the_gateway_runs(gateway_factory, tmp_path):
     assert refused.json()["error"]["code"] == "invalid_api_key"
     assert http.get(gw.base_url + "/key", headers={"Authorization": f"Bearer {key}"}, timeout=10).status_code == 401
     ledger_check(gw.database_url)
+
+
+# --------------------------------------------------------------------------------------------------
+# the first hour (issue 19): mistakes a new operator makes get one clear line, never a traceback
+# --------------------------------------------------------------------------------------------------
+
+def _one_line_errors(results: list[subprocess.CompletedProcess]) -> list[str]:
+    """Each result failed with exit 1 and exactly one stderr line ``Error: ...``; return those lines."""
+    lines = []
+    for res in results:
+        assert res.returncode == 1, (res.args, res.returncode, res.stdout, res.stderr)
+        assert "Traceback" not in res.stderr, (res.args, res.stderr)
+        assert res.stderr.count("\n") == 1 and res.stderr.startswith("Error: "), (res.args, res.stderr)
+        lines.append(res.stderr)
+    return lines
+
+
+def test_every_command_refuses_a_bad_argument_in_one_line(cli, tmp_path):
+    cli.create("me")
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        busy_port = busy.getsockname()[1]
+        cases = {
+            ("serve", "--bind", "nonsense"): "is not HOST:PORT",
+            ("serve", "--bind", "127.0.0.1:99999"): "port must be a number from 1 to 65535",
+            ("serve", "--bind", f"127.0.0.1:{busy_port}"): "already in use",
+            ("serve", "--bind", "no-such-host.invalid:8000"): "not a known name",
+            ("serve", "--bind", "unix:/no/such/dir/s.sock"): "does not exist",
+            ("serve", "--workers", "0"): "--workers",
+            ("keys", "create"): "--name",
+            ("keys", "create", "--name", "x", "--rpm", "0"): "boundless keys disable NAME",
+            ("keys", "create", "--name", "x", "--rpd", "-3"): "positive number",
+            ("keys", "create", "--name", "x", "--rpm", "lots"): "positive number",
+            ("keys", "list", "--bogus"): "--bogus",
+            ("keys", "update", "nobody", "--rpm", "5"): "no key named 'nobody'",
+            ("keys", "update", "me", "--rpd", "0"): "boundless keys disable NAME",
+            ("keys", "topup", "me", "-5"): "boundless keys update NAME --credit",
+            ("keys", "topup", "me", "0"): "boundless keys update NAME --credit",
+            ("keys", "topup", "me"): "AMOUNT",
+            ("keys", "revoke", "nobody"): "no key named",
+            ("keys", "disable", "nobody"): "no key named",
+            ("keys", "enable", "nobody"): "no key named",
+            ("usage", "--key", "nosuchkey"): "no key named 'nosuchkey'",
+            ("usage", "--model", "nosuchmodel"): "no model named 'nosuchmodel'",
+            ("usage", "--by", "week"): "week",
+            ("usage", "--since", "March"): "--since",
+            ("db", "backup", "/no/such/dir/x.db"): "/no/such/dir does not exist",
+            ("db", "recover", "--silent", "soon"): "soon",
+            ("nosuchcommand",): "nosuchcommand",
+        }
+        lines = _one_line_errors(cli.many(*cases))
+    for (argv, expected), line in zip(cases.items(), lines):
+        assert expected in line, (argv, line)
+    assert list(cli.listing()) == ["me"]                 # nothing was created by the refused commands
+
+
+def test_a_bad_setting_or_an_unreachable_database_is_one_line(cli, tmp_path):
+    bad_catalog = tmp_path / "unset.toml"
+    bad_catalog.write_text(cli.catalog.read_text().replace("http://127.0.0.1:9/v1", "${NO_SUCH_VAR_19}"))
+    runs = [({"BOUNDLESS_DATABASE_URL": "nonsense"}, ("keys", "list"), "not usable"),
+            ({"BOUNDLESS_DATABASE_URL": "postgresql://postgres:hunter2@127.0.0.1:1/x"}, ("db", "upgrade"),
+             "postgresql://postgres:***@127.0.0.1:1/x"),
+            ({"BOUNDLESS_MAX_BODY_BYTES": "lots"}, ("keys", "list"), "not valid"),
+            ({"BOUNDLESS_CONFIG": str(bad_catalog)}, ("serve", "--bind", "127.0.0.1:1"), "NO_SUCH_VAR_19")]
+    procs = [subprocess.Popen([str(BIN / "boundless"), *argv], env={**cli.env, **env}, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for env, argv, _ in runs]
+    results = [subprocess.CompletedProcess(p.args, p.wait(60), p.stdout.read(), p.stderr.read()) for p in procs]
+    for (env, argv, expected), line in zip(runs, _one_line_errors(results)):
+        assert expected in line, (env, argv, line)
+        assert "hunter2" not in line
+
+
+def test_version_and_help_list_every_command():
+    from app.cli import main as cli_main
+    from importlib.metadata import version
+
+    version_out = subprocess.run([str(BIN / "boundless"), "--version"], capture_output=True, text=True, timeout=60)
+    assert version_out.returncode == 0 and version_out.stdout == f"boundless {version('boundless')}\n"
+    help_out = subprocess.run([str(BIN / "boundless"), "--help"], capture_output=True, text=True, timeout=60)
+    assert help_out.returncode == 0
+    lines = help_out.stdout.splitlines()
+    commands = _leaf_commands(cli_main)
+    assert len(commands) >= 12
+    for path, cmd in commands.items():
+        listed = [line for line in lines if re.match(rf"\s+{re.escape(path)}\s{{2,}}\S", line)]
+        assert len(listed) == 1, (path, help_out.stdout)
+        # one line each: the short help is on it, and the next line is another command
+        assert cmd.get_short_help_str(limit=60).rstrip(".") in listed[0]
+        following = lines[lines.index(listed[0]) + 1:lines.index(listed[0]) + 2]
+        assert not following or re.match(r"\s+\w+( \w+)?\s{2,}\S", following[0]), following
+
+
+def _leaf_commands(group, prefix: str = "") -> dict:
+    import click
+    out = {}
+    for name, cmd in group.commands.items():
+        if isinstance(cmd, click.Group):
+            out.update(_leaf_commands(cmd, f"{prefix}{name} "))
+        else:
+            out[prefix + name] = cmd
+    return out
+
+
+def test_readme_cli_table_lists_every_command_and_option():
+    from app.cli import main as cli_main
+    from support import ROOT as REPO
+
+    readme = (REPO / "README.md").read_text()
+    section = readme[readme.index("\n## CLI"):]
+    section = section[:section.index("\n## ", 1)]
+    rows = [line for line in section.splitlines() if line.startswith("| `boundless ")]
+    for path, cmd in _leaf_commands(cli_main).items():
+        row = [r for r in rows if r.startswith(f"| `boundless {path}")]
+        assert len(row) == 1, f"README's CLI table has no row for `boundless {path}`"
+        for param in cmd.params:
+            if param.name == "help":
+                continue
+            name = param.opts[0] if param.param_type_name == "option" else param.human_readable_name
+            assert name in row[0], f"README's row for `boundless {path}` does not show {name}"
+    quick = readme[readme.index("## Quick start"):readme.index("## Run the tests")]
+    assert "--bind" in quick and "instance/boundless.db" in quick and "BOUNDLESS_DATABASE_URL" in quick
+    offline = readme[readme.index("### Offline"):readme.index("## Run the tests")]
+    assert "MOCK_UPSTREAM_URL" in offline and "--port" in offline
+
+
+def test_create_says_where_the_key_lives(cli):
+    res = cli("keys", "create", "--name", "here")
+    assert cli.database_url in res.stderr and "cannot be shown again" in res.stderr
+
+
+def test_limits_none_default_and_disable(cli):
+    cli.create("u", "--rpm", "none", "--rpd", "5")
+    cli.create("d")
+    listed = cli.listing()
+    assert (listed["u"]["rpm"], listed["u"]["rpd"]) == (None, 5)          # null: no limit
+    assert "none" in table(cli("keys", "list").stdout)[1]
+    cli("keys", "update", "u", "--rpm", "default", "--rpd", "none")
+    assert (cli.listing()["u"]["rpm"], cli.listing()["u"]["rpd"]) == (20, None)
+
+    assert cli("keys", "disable", "d").stdout == "disabled key 'd'\n"
+    assert "already disabled" in cli("keys", "disable", "d").stdout
+    assert cli.listing()["d"]["state"] == "disabled"
+    assert cli("keys", "enable", "d").stdout == "enabled key 'd'\n"
+    assert cli.listing()["d"]["state"] == "active"
+    cli("keys", "revoke", "d")
+    (revoked,) = _one_line_errors(cli.many(("keys", "enable", "d")))
+    assert "revoked" in revoked and cli.listing()["d"]["state"] == "revoked"
+
+
+def test_usage_counts_refusals_by_reason(cli):
+    _ledger(cli)
+    with cli.db():
+        ivy, jack = ApiKey.get(ApiKey.name == "ivy"), ApiKey.get(ApiKey.name == "jack")
+        for key, day, model, reason, n in [(ivy, datetime.date(2024, 3, 1), "paid-model", "rate_limited", 3),
+                                           (ivy, datetime.date(2024, 3, 1), "paid-model", "insufficient_quota", 1),
+                                           (jack, datetime.date(2024, 3, 4), "", "key_disabled", 2)]:
+            Refusal.create(key=key, day=day, model=model, reason=reason, count=n)
+    by_day, by_key, ivy_only, since = cli.many(("usage",), ("usage", "--by", "key", "--json"),
+                                               ("usage", "--key", "ivy", "--by", "model", "--json"),
+                                               ("usage", "--since", "2024-03-02T10:00:00", "--json"))
+    rows = table(by_day.stdout)
+    assert rows[0][-1] == "REFUSED"
+    assert rows[1] == ["2024-03-01", "3", "117", "58", "0.22", "1", "4"]
+    assert rows[3] == ["2024-03-04", "0", "0", "0", "0", "0", "2"]      # a day with refusals only
+    assert rows[5] == ["TOTAL", "5", "122", "63", "0.223", "1", "6"]
+    assert rows[6] == ["DAY", "REFUSED BECAUSE", "REQUESTS"]
+    assert rows[7:] == [["2024-03-01", "insufficient_quota", "1"], ["2024-03-01", "rate_limited", "3"],
+                        ["2024-03-04", "key_disabled", "2"]]
+    assert {r["key"]: r["refused"] for r in json.loads(by_key.stdout)} == {
+        "ivy": {"rate_limited": 3, "insufficient_quota": 1}, "jack": {"key_disabled": 2}}
+    assert {r["model"]: r["refused"] for r in json.loads(ivy_only.stdout)} == {
+        "free-model": {}, "paid-model": {"rate_limited": 3, "insufficient_quota": 1}}
+    assert {r["day"]: r["refused"] for r in json.loads(since.stdout)} == {
+        "2024-03-04": {"key_disabled": 2}, "2024-03-05": {}}
+
+
+def test_db_messages_speak_in_the_singular_for_one(tmp_path):
+    cli = Cli(tmp_path)
+    assert cli("db", "upgrade").stdout == "upgraded the schema to version 3 (step 3)\n"
+    assert cli("db", "recover").stdout == ""           # quiet when nothing was left held

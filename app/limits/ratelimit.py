@@ -38,16 +38,18 @@ from .sqlite_storage import SQLiteStorage   # importing it registers the sqlite:
 from ..errors import ConfigurationError
 from ..errors import RateLimited
 from ..errors import ServiceUnavailable
+from ..text import plural
 
 log = logging.getLogger("boundless")
 
 
 @dataclass(frozen=True)
 class Decision:
-    """The state of a key's two windows after (or without) a hit."""
+    """The state of a key's two windows after (or without) a hit. A limit of None is a window the key has no
+    limit in (``boundless keys ... --rpm none``): nothing is counted there and no header speaks of it."""
 
-    rpm: int
-    rpd: int
+    rpm: int | None
+    rpd: int | None
     used_rpm: int
     used_rpd: int
     reset_rpm: float        # seconds until the minute window reopens
@@ -55,35 +57,44 @@ class Decision:
     refused: str | None = None   # "minute" | "day" | None
 
     @property
-    def remaining_rpm(self) -> int:
-        return max(0, self.rpm - self.used_rpm)
+    def remaining_rpm(self) -> int | None:
+        return None if self.rpm is None else max(0, self.rpm - self.used_rpm)
 
     @property
-    def remaining_rpd(self) -> int:
-        return max(0, self.rpd - self.used_rpd)
+    def remaining_rpd(self) -> int | None:
+        return None if self.rpd is None else max(0, self.rpd - self.used_rpd)
 
     def headers(self) -> dict[str, str]:
-        """Our two headers, plus OpenAI's ``x-ratelimit-*-requests`` for the tighter window."""
-        tight_day = (self.refused == "day") or (self.refused is None and self.remaining_rpd < self.remaining_rpm)
+        """Our two headers, plus OpenAI's ``x-ratelimit-*-requests`` for the tighter window; a window without
+        a limit has no header (and a key without any limit gets none)."""
+        out = {}
+        if self.rpm is not None:
+            out["X-RateLimit-Remaining-RPM"] = str(self.remaining_rpm)
+        if self.rpd is not None:
+            out["X-RateLimit-Remaining-RPD"] = str(self.remaining_rpd)
+        if not out:
+            return out
+        tight_day = self.rpm is None or (self.refused == "day") or (
+            self.refused is None and self.rpd is not None and self.remaining_rpd < self.remaining_rpm)
         limit, remaining, reset = ((self.rpd, self.remaining_rpd, self.reset_rpd) if tight_day
                                    else (self.rpm, self.remaining_rpm, self.reset_rpm))
-        return {
-            "X-RateLimit-Remaining-RPM": str(self.remaining_rpm),
-            "X-RateLimit-Remaining-RPD": str(self.remaining_rpd),
+        out.update({
             "x-ratelimit-limit-requests": str(limit),
             "x-ratelimit-remaining-requests": str(remaining),
             "x-ratelimit-reset-requests": duration(reset),
-        }
+        })
+        return out
 
     def error(self) -> RateLimited:
         if self.refused == "day":
             retry = retry_after(self.reset_rpd)
-            msg = (f"Rate limit reached: {self.rpd} requests per day for this key. The daily window reopens at "
-                   f"midnight, in {duration(retry)} (Retry-After: {retry}).")
+            msg = (f"Rate limit reached: {plural(self.rpd, 'request')} per day for this key. The daily window "
+                   f"reopens at midnight, in {duration(retry)} (Retry-After: {retry}).")
             extra = {"x-should-retry": "false"}
         else:
             retry = retry_after(self.reset_rpm)
-            msg = (f"Rate limit reached: {self.rpm} requests per minute for this key. Try again in {retry}s.")
+            msg = (f"Rate limit reached: {plural(self.rpm, 'request')} per minute for this key. "
+                   f"Try again in {retry}s.")
             extra = {}
         return RateLimited(msg, headers={**self.headers(), "Retry-After": str(retry), **extra})
 
@@ -158,13 +169,16 @@ class RateLimiter:
         else:                  # sqlite (clamped at 0) and redis (INCRBY -1 on an existing key)
             self.storage.incr(key, math.ceil(expiry), -1)
 
-    def hit(self, key_id: int, rpm: int, rpd: int) -> Decision:
+    def hit(self, key_id: int, rpm: int | None, rpd: int | None) -> Decision:
         """Count one request; return the decision (``refused`` set, and nothing counted, when over a limit).
 
+        A limit of None is a window without a limit: it is neither counted nor checked.
         :raise ServiceUnavailable: the storage is unreachable (we fail closed rather than run unlimited).
         """
         m_key, d_key, m_reset, d_reset = self._windows(key_id)
         m_exp, d_exp = m_reset + 5, d_reset + 3600     # counters expire a little after their window
+        if rpm is None or rpd is None:
+            return self._hit_some(m_key, d_key, m_reset, d_reset, rpm, rpd)
         if self._pair:                                 # our SQLite storage: both windows in one transaction
             try:
                 used_m, used_d = self.storage.hit_pair((m_key, math.ceil(m_exp), rpm), (d_key, math.ceil(d_exp), rpd))
@@ -189,11 +203,34 @@ class RateLimiter:
             raise self._unavailable(err) from err
         return Decision(rpm, rpd, used_m, used_d, m_reset, d_reset)
 
-    def peek(self, key_id: int, rpm: int, rpd: int) -> Decision:
-        """The state of a key's windows without counting anything."""
+    def _hit_some(self, m_key: str, d_key: str, m_reset: float, d_reset: float, rpm: int | None,
+                  rpd: int | None) -> Decision:
+        """A hit on a key with no limit in one window or both: only the limited windows are counted."""
+        m_exp, d_exp = m_reset + 5, d_reset + 3600
+        used_m = used_d = 0
+        try:
+            if rpm is not None:
+                used_m = self._incr(m_key, m_exp)
+                if used_m > rpm:
+                    self._give_back(m_key, m_exp)
+                    return Decision(rpm, rpd, rpm, 0, m_reset, d_reset, refused="minute")
+            if rpd is not None:
+                used_d = self._incr(d_key, d_exp)
+                if used_d > rpd:
+                    self._give_back(d_key, d_exp)
+                    if rpm is not None:
+                        self._give_back(m_key, m_exp)
+                    return Decision(rpm, rpd, max(0, used_m - 1), rpd, m_reset, d_reset, refused="day")
+        except Exception as err:
+            raise self._unavailable(err) from err
+        return Decision(rpm, rpd, used_m, used_d, m_reset, d_reset)
+
+    def peek(self, key_id: int, rpm: int | None, rpd: int | None) -> Decision:
+        """The state of a key's windows without counting anything (a window without a limit is not read)."""
         m_key, d_key, m_reset, d_reset = self._windows(key_id)
         try:
-            return Decision(rpm, rpd, self.storage.get(m_key), self.storage.get(d_key), m_reset, d_reset)
+            return Decision(rpm, rpd, self.storage.get(m_key) if rpm is not None else 0,
+                            self.storage.get(d_key) if rpd is not None else 0, m_reset, d_reset)
         except Exception as err:
             raise self._unavailable(err) from err
 

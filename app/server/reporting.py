@@ -57,6 +57,7 @@ class Report:
     remote_addr: str | None = None
     key_name: str | None = None
     key_prefix: str | None = None
+    key_id: int | None = None              # the authenticated (or disabled) key, for the refusal counts
     model: str | None = None               # a catalogue id, or None
     provider: str | None = None
     stream: bool | None = None
@@ -145,7 +146,7 @@ def _elapsed_ms() -> float | None:
 
 def from_request(status: int) -> Report:
     """A request that never reached the upstream stage (or failed before its finish hook ran)."""
-    key = g.get("_boundless_key")
+    key = g.get("_boundless_key") or g.get("boundless_refused_key")    # the latter: a disabled key's 401
     model = g.get("boundless_model")
     refused = None
     if status == 429:
@@ -157,7 +158,7 @@ def from_request(status: int) -> Report:
     return Report(
         ts=time.time(), method=request.method, path=request.path, route=_route(), status=status,
         request_id=g.get("request_id"), remote_addr=request.remote_addr,
-        key_name=getattr(key, "name", None), key_prefix=getattr(key, "prefix", None),
+        key_name=getattr(key, "name", None), key_prefix=getattr(key, "prefix", None), key_id=getattr(key, "id", None),
         model=getattr(model, "id", None), provider=getattr(getattr(model, "provider", None), "name", None),
         stream=lease.stream if lease is not None else None,
         latency_ms=_elapsed_ms(), refused=refused)

@@ -20,6 +20,7 @@ from peewee import AutoField
 from peewee import BigIntegerField
 from peewee import BooleanField
 from peewee import CharField
+from peewee import DateField
 from peewee import Check
 from peewee import DatabaseProxy
 from peewee import DateTimeField
@@ -38,7 +39,7 @@ from .sqlite_busy import begin_immediate
 from .sqlite_writer import WRITER
 
 #: Version of the schema this code runs on; app/store/schema.py has the steps from each earlier version.
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 db = DatabaseProxy()
 T = TypeVar("T")
@@ -167,13 +168,14 @@ class ApiKey(BaseModel):
     name = CharField(max_length=100, unique=True)
     key_hash = CharField(max_length=64, unique=True)
     prefix = CharField(max_length=16)
-    rpm = IntegerField(null=True)          # None = the catalogue default
+    rpm = IntegerField(null=True)          # None = the catalogue default; 0 = no limit (v3; the CLI's "none")
     rpd = IntegerField(null=True)
     balance = BigIntegerField(default=0, constraints=[Check("balance >= 0")])   # micro-credits
     spent = BigIntegerField(default=0)     # micro-credits charged so far
     revoked = BooleanField(default=False)
     created_at = DateTimeField(default=utcnow)
     revoked_at = DateTimeField(null=True)
+    disabled = BooleanField(default=False)  # 401 key_disabled until enabled again; unlike revoked, undone (v3)
 
     class Meta:
         table_name = "api_key"
@@ -231,6 +233,25 @@ class Heartbeat(BaseModel):
         table_name = "heartbeat"
 
 
+class Refusal(BaseModel):
+    """How many requests of a key were refused after authentication, per UTC day, model and reason (v3).
+
+    One row per (key, day, model, reason), counted up by one atomic upsert per refusal
+    (app/server/refusals.py): the usage report shows refusals without a ledger row for each.
+    """
+
+    id = AutoField()
+    key = ForeignKeyField(ApiKey, backref="refusals", on_delete="CASCADE")
+    day = DateField()                       # UTC, as the ledger's days in `boundless usage`
+    model = CharField(max_length=200, default="")    # "" when the request was refused before naming one
+    reason = CharField(max_length=32)       # rate_limited | insufficient_quota | key_disabled | invalid_request ...
+    count = BigIntegerField(default=0)
+
+    class Meta:
+        table_name = "refusal"
+        indexes = ((("key", "day", "model", "reason"), True),)
+
+
 class SchemaInfo(BaseModel):
     id = IntegerField(primary_key=True)
     version = IntegerField()
@@ -239,7 +260,7 @@ class SchemaInfo(BaseModel):
         table_name = "schema_info"
 
 
-MODELS = (ApiKey, CreditEntry, Usage, Heartbeat, SchemaInfo)
+MODELS = (ApiKey, CreditEntry, Usage, Heartbeat, Refusal, SchemaInfo)
 
 
 def init_app(app: Flask) -> None:

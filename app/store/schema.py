@@ -14,16 +14,19 @@ from typing import Callable
 
 from peewee import CharField
 from peewee import Database
+from peewee import PostgresqlDatabase
 from peewee import PeeweeException
 from playhouse.migrate import SchemaMigrator
-from playhouse.migrate import migrate
 
 from ..errors import ConfigurationError
 from .models import MODELS
+from .models import ApiKey
+from .models import Refusal
 from .models import Heartbeat
 from .models import SCHEMA_VERSION
 from .models import SchemaInfo
 from .models import db
+
 
 def _v2_owner_and_heartbeat(migrator: SchemaMigrator) -> list:
     """v2: ledger rows name the worker holding them, and workers beat, so a dead worker's reservations can
@@ -33,8 +36,34 @@ def _v2_owner_and_heartbeat(migrator: SchemaMigrator) -> list:
             migrator.add_index("usage", ("owner",), False)]
 
 
+def _v3_disabled_unlimited_refusals(migrator: SchemaMigrator) -> list:
+    """v3: keys can be disabled (and enabled again); a stored limit of 0 now means "no limit"; refused
+    requests are counted per key, day and reason.
+
+    Before v3 the CLI accepted ``--rpm 0``/``--rpd 0``, which made a key that could never call. Such keys
+    become disabled keys with the catalogue's limits (NULL), so none of them can call more than before and
+    ``boundless keys list`` says why; ``boundless keys enable NAME`` opens them.
+    """
+    database = migrator.database
+    database.create_tables([Refusal], safe=True)
+    # One ALTER TABLE ... NOT NULL DEFAULT, not playhouse's add_column: on SQLite that rebuilds a NOT NULL
+    # column's table (copy, DROP, rename), and dropping api_key with foreign keys on cascades to its
+    # credit entries and ledger rows.
+    false = "FALSE" if isinstance(database, PostgresqlDatabase) else "0"
+    return [lambda: database.execute_sql(f"ALTER TABLE api_key ADD COLUMN disabled BOOLEAN NOT NULL DEFAULT {false}"),
+            lambda: _v3_zero_limits_to_disabled(database)]
+
+
+def _v3_zero_limits_to_disabled(database: Database) -> None:
+    with database.bind_ctx([ApiKey]):
+        zero = (ApiKey.rpm == 0) | (ApiKey.rpd == 0)
+        ApiKey.update(disabled=True).where(zero).execute()
+        ApiKey.update(rpm=None).where(ApiKey.rpm == 0).execute()
+        ApiKey.update(rpd=None).where(ApiKey.rpd == 0).execute()
+
+
 #: version reached -> step that takes the schema from version-1 to it.
-STEPS: dict[int, Callable[[SchemaMigrator], list]] = {2: _v2_owner_and_heartbeat}
+STEPS: dict[int, Callable[[SchemaMigrator], list]] = {2: _v2_owner_and_heartbeat, 3: _v3_disabled_unlimited_refusals}
 
 
 def current_version(database: Database = db) -> int | None:
@@ -94,7 +123,8 @@ def upgrade(database: Database = db) -> list[int]:
     applied = []
     for target in range(version + 1, SCHEMA_VERSION + 1):
         with database.atomic():
-            migrate(*STEPS[target](migrator))
+            for operation in STEPS[target](migrator):      # playhouse operations, or plain functions (data)
+                operation.run() if hasattr(operation, "run") else operation()
             if not SchemaInfo.update(version=target).where(SchemaInfo.id == 1).execute():
                 SchemaInfo.create(id=1, version=target)
         applied.append(target)

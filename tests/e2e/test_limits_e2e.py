@@ -330,7 +330,7 @@ def test_sdk_rate_limit_error_per_day(gateway):
     retry = int(headers["Retry-After"])
     assert abs(retry - after) <= 2
     assert math.ceil(after) <= retry <= math.ceil(before)
-    assert "per day" in err.message and "1 requests per day" in err.message
+    assert "per day" in err.message and "1 request per day" in err.message     # singular (issue 19.9)
     assert headers["X-RateLimit-Remaining-RPD"] == "0"
     assert headers["X-RateLimit-Remaining-RPM"] == "9"     # the refused request was given back to the minute
     assert headers["x-ratelimit-limit-requests"] == "1"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime
 import hashlib
+import json
 import sqlite3
 import threading
 import time
@@ -27,6 +28,7 @@ from support import ledger_check
 
 MSG = [{"role": "user", "content": "hello there"}]
 OLD_KEY = "sk-" + "o" * 43
+ZERO_KEY = "sk-" + "z" * 43
 
 
 # The first released schema (version 1), frozen here as it shipped.
@@ -99,6 +101,9 @@ def make_v1(url: str) -> None:
         database.create_tables(V1)
         key = V1Key.create(name="old", key_hash=hashlib.sha256(OLD_KEY.encode()).hexdigest(), prefix=OLD_KEY[:8],
                            rpm=7, balance=4_000_000, spent=1_000_000, created_at=now)
+        # the old CLI took --rpd 0: a key that could never call (issue 19.6); v3 makes it a disabled key
+        V1Key.create(name="zero", key_hash=hashlib.sha256(ZERO_KEY.encode()).hexdigest(), prefix=ZERO_KEY[:8],
+                     rpd=0, created_at=now)
         V1Credit.create(key=key, amount=5_000_000, kind="open", created_at=now)
         for i, charge in enumerate((400_000, 600_000)):
             V1Usage.create(request_id=f"req_old{i}", key=key, model="paid-model", created_at=now, state="settled",
@@ -118,12 +123,20 @@ def test_upgrade_from_the_first_released_schema(gateway_factory, database, tmp_p
     with pytest.raises(RuntimeError, match="boundless db upgrade"):
         gw.start()
 
-    assert "upgraded to schema version(s) [2]" in gw.cli("db", "upgrade").stdout
+    assert gw.cli("db", "upgrade").stdout == "upgraded the schema to version 3 (steps 2, 3)\n"
     assert "already current" in gw.cli("db", "upgrade").stdout
 
     gw = gateway_factory(database_url=database.url)
     listed = gw.cli("keys", "list").stdout
     assert "old" in listed and "4" in listed
+    listed = {r["name"]: r for r in json.loads(gw.cli("keys", "list", "--json").stdout)}
+    assert (listed["old"]["state"], listed["old"]["rpm"], listed["old"]["rpd"]) == ("active", 7, 50)
+    assert (listed["zero"]["state"], listed["zero"]["rpd"]) == ("disabled", 50)     # still cannot call, and says why
+    zero = requests.get(gw.base_url + "/models", headers={"Authorization": f"Bearer {ZERO_KEY}"}, timeout=10)
+    assert zero.status_code == 401 and zero.json()["error"]["code"] == "key_disabled"
+    gw.cli("keys", "enable", "zero")
+    assert requests.get(gw.base_url + "/models", headers={"Authorization": f"Bearer {ZERO_KEY}"},
+                        timeout=10).status_code == 200
     resp = requests.get(gw.base_url + "/key", headers={"Authorization": f"Bearer {OLD_KEY}"}, timeout=10)
     assert resp.status_code == 200
     assert resp.json()["data"]["balance"] == 4 and resp.json()["data"]["spent"] == 1 and resp.json()["data"]["rpm"] == 7
@@ -198,7 +211,7 @@ def test_recover_settles_rows_of_silent_or_dead_workers(gateway_factory):
 
     assert "settled 1 request" in gw.cli("db", "recover").stdout
     assert "settled 1 request" in gw.cli("db", "recover", "--owner", "live-box:43").stdout
-    assert "settled 0 request" in gw.cli("db", "recover").stdout
+    assert gw.cli("db", "recover").stdout == ""           # nothing left: nothing printed (issue 19.4)
     conn = sqlite3.connect(path)
     rows = dict((r, (st, ch, oc)) for r, st, ch, oc in conn.execute(
         "SELECT request_id, state, charge, outcome FROM usage WHERE request_id LIKE 'req_%'"))
