@@ -40,6 +40,8 @@ from typing import Iterator
 import requests
 import requests.adapters
 import requests.exceptions
+import urllib3.connection
+import urllib3.connectionpool
 import urllib3.exceptions
 from requests.structures import CaseInsensitiveDict
 from requests.utils import get_environ_proxies
@@ -95,6 +97,79 @@ class _NoCookies(http.cookiejar.DefaultCookiePolicy):
         return False
 
 
+class _BareCR(http.client.HTTPException):
+    """An answer's head holds a CR that does not end a line."""
+
+
+class _HeadLines:
+    """Stands in for an answer's file while http.client reads its head, keeping the raw lines."""
+
+    def __init__(self, fp) -> None:
+        self.fp = fp
+        self.lines: list[bytes] = []
+
+    def readline(self, limit: int = -1) -> bytes:
+        line = self.fp.readline(limit)
+        self.lines.append(line)
+        return line
+
+    def __getattr__(self, name: str):
+        return getattr(self.fp, name)
+
+
+class _CheckedHTTPResponse(http.client.HTTPResponse):
+    """http.client's answer, refusing a head with a bare CR (RFC 9112 2.2: the element is invalid).
+
+    http.client parses a head with the ``email`` package, which takes a bare CR for the end of a line: a value
+    like ``"a\rX-Injected: 1"`` would become two header fields. The head's raw lines are checked here, once,
+    before they are parsed; the body is then read from the real file, as usual.
+    """
+
+    def begin(self) -> None:
+        real, self.fp = self.fp, _HeadLines(self.fp)
+        try:
+            super().begin()
+        finally:
+            lines, self.fp = self.fp.lines if isinstance(self.fp, _HeadLines) else [], real
+        for line in lines:
+            if b"\r" in line[:-2] or (line.endswith(b"\r") and not line.endswith(b"\r\n")):
+                self.close()
+                raise _BareCR(f"a bare CR in the answer's head: {line[:60]!r}")
+
+
+class _HTTPConnection(urllib3.connection.HTTPConnection):
+    response_class = _CheckedHTTPResponse               # http.client's documented hook for its answers
+
+
+class _HTTPSConnection(urllib3.connection.HTTPSConnection):
+    response_class = _CheckedHTTPResponse
+
+
+class _HTTPPool(urllib3.connectionpool.HTTPConnectionPool):
+    ConnectionCls = _HTTPConnection
+
+
+class _HTTPSPool(urllib3.connectionpool.HTTPSConnectionPool):
+    ConnectionCls = _HTTPSConnection
+
+
+_POOLS = {"http": _HTTPPool, "https": _HTTPSPool}
+
+
+class _Adapter(requests.adapters.HTTPAdapter):
+    """requests' adapter whose pools check each answer's head (see :class:`_CheckedHTTPResponse`), also through a
+    proxy; ``init_poolmanager`` and ``proxy_manager_for`` are the adapter's documented points for this."""
+
+    def init_poolmanager(self, *args, **kwargs) -> None:
+        super().init_poolmanager(*args, **kwargs)
+        self.poolmanager.pool_classes_by_scheme = _POOLS
+
+    def proxy_manager_for(self, proxy: str, **proxy_kwargs):
+        manager = super().proxy_manager_for(proxy, **proxy_kwargs)
+        manager.pool_classes_by_scheme = _POOLS
+        return manager
+
+
 class _Session(requests.Session):
     """A session that follows no redirect, not even to read a redirect's body (a redirect would carry the
     provider key elsewhere): ``get_redirect_target`` is requests' documented hook for that decision."""
@@ -134,7 +209,7 @@ class UpstreamClient:
         # Connections that could not be made are tried again (at once, then after 0.2 s); nothing else is: not a
         # TLS failure, not a request that was sent.
         retry = Retry(total=None, connect=2, read=False, redirect=False, other=0, backoff_factor=0.1)
-        adapter = requests.adapters.HTTPAdapter(pool_connections=16, pool_maxsize=self.pool_size,
+        adapter = _Adapter(pool_connections=16, pool_maxsize=self.pool_size,
                                                 max_retries=retry, pool_block=False)
         session.mount("http://", adapter)
         session.mount("https://", adapter)
@@ -244,12 +319,12 @@ def _head_problem(resp: Response, max_body: int) -> str | None:
     if length is not None:
         values = {v.strip() for v in length.split(",")}
         if len(values) != 1 or not next(iter(values)).isascii() or not next(iter(values)).isdigit():
-            return f"an invalid Content-Length ({length[:40]!r})"
+            return "an invalid Content-Length"
         if int(values.pop()) > max_body:
             return f"a body larger than the gateway accepts ({max_body} bytes)"
     coding = headers.get("transfer-encoding")
     if coding is not None and coding.strip().lower() != "chunked":
-        return f"an unsupported Transfer-Encoding ({coding[:40]!r})"
+        return "an unsupported Transfer-Encoding"
     return None
 
 
@@ -257,7 +332,7 @@ def iter_raw(resp: Response, provider: str) -> Iterator[bytes]:
     """Yield the body's bytes as they arrive (decoded if the provider compressed anyway)."""
     read1 = resp.raw.read1
     try:
-        while data := read1(READ_SIZE):
+        while data := read1(READ_SIZE, decode_content=True):     # requests opens raw bodies undecoded
             yield data
     except _TRANSPORT_ERRORS as err:
         raise failure(provider, err, reading=True) from err
@@ -321,6 +396,8 @@ def reason(err: BaseException, reading: bool = False) -> tuple[str, str]:
     for e in chain:
         if isinstance(e, ssl.SSLCertVerificationError):
             return "certificate", str(e)
+        if isinstance(e, _BareCR):
+            return "protocol", str(e)
     for e in chain:
         if isinstance(e, (requests.exceptions.ProxyError, urllib3.exceptions.ProxyError)):
             return "proxy", str(inner)

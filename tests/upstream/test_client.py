@@ -12,7 +12,6 @@ from app.catalog import Provider
 from app.errors import UpstreamError
 from app.errors import UpstreamTimeout
 from app.upstream.client import UpstreamClient
-from app.upstream.client import read_body
 from support import echo_server
 
 
@@ -28,8 +27,8 @@ def _model(provider: Provider) -> Model:
 
 def _call(client: UpstreamClient, provider: Provider, stream: bool = False) -> dict:
     resp = client.open(_model(provider), b'{"model": "up"}', stream)
-    assert resp.status == 200
-    return json.loads(read_body(resp, provider.name))
+    assert resp.status_code == 200
+    return json.loads(client.read_body(resp, provider.name))
 
 
 def test_each_provider_gets_its_own_headers_and_key_even_on_one_url(echo, monkeypatch):
