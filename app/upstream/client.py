@@ -396,7 +396,7 @@ def reason(err: BaseException, reading: bool = False) -> tuple[str, str]:
     for e in chain:
         if isinstance(e, ssl.SSLCertVerificationError):
             return "certificate", str(e)
-        if isinstance(e, _BareCR):
+        if isinstance(e, (_BareCR, urllib3.exceptions.InvalidHeader)):     # the answer's head, not ours
             return "protocol", str(e)
     for e in chain:
         if isinstance(e, (requests.exceptions.ProxyError, urllib3.exceptions.ProxyError)):
