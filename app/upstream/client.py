@@ -209,8 +209,7 @@ class UpstreamClient:
         # Connections that could not be made are tried again (at once, then after 0.2 s); nothing else is: not a
         # TLS failure, not a request that was sent.
         retry = Retry(total=None, connect=2, read=False, redirect=False, other=0, backoff_factor=0.1)
-        adapter = _Adapter(pool_connections=16, pool_maxsize=self.pool_size,
-                                                max_retries=retry, pool_block=False)
+        adapter = _Adapter(pool_connections=16, pool_maxsize=self.pool_size, max_retries=retry, pool_block=False)
         session.mount("http://", adapter)
         session.mount("https://", adapter)
         return session
@@ -271,6 +270,10 @@ class UpstreamClient:
                 parts.append(data)
             complete = True
             return parts[0] if len(parts) == 1 else b"".join(parts)
+        except UpstreamError as err:
+            if err.__cause__ is not None:
+                log.warning("upstream %s failed: %s (%s)", provider, *reason(err.__cause__, reading=True))
+            raise
         finally:
             close(resp, complete)
 
@@ -329,13 +332,17 @@ def _head_problem(resp: Response, max_body: int) -> str | None:
 
 
 def iter_raw(resp: Response, provider: str) -> Iterator[bytes]:
-    """Yield the body's bytes as they arrive (decoded if the provider compressed anyway)."""
+    """Yield the body's bytes as they arrive (decoded if the provider compressed anyway).
+
+    A failure is not logged here: a read that fails because the gateway shut the socket (the caller hung up, a
+    graceful stop) is no provider's fault; the caller of this function knows which it was, and logs.
+    """
     read1 = resp.raw.read1
     try:
         while data := read1(READ_SIZE, decode_content=True):     # requests opens raw bodies undecoded
             yield data
     except _TRANSPORT_ERRORS as err:
-        raise failure(provider, err, reading=True) from err
+        raise failure(provider, err, reading=True, quiet=True) from err
 
 
 def close(resp: Response, complete: bool) -> None:
@@ -358,13 +365,14 @@ def shutdown(resp: Response) -> None:
 # ---------------------------------------------------------------------------------- why a call failed
 
 
-def failure(provider: str, err: BaseException, reading: bool = False) -> UpstreamError:
-    """The gateway's error for a transport exception, after logging its reason and text.
+def failure(provider: str, err: BaseException, reading: bool = False, quiet: bool = False) -> UpstreamError:
+    """The gateway's error for a transport exception, after logging its reason and text (unless ``quiet``).
 
     The caller's message names the kind of failure only (no address, URL or key); the log line has the text.
     """
     kind, detail = reason(err, reading)
-    log.warning("upstream %s failed: %s (%s)", provider, kind, detail)
+    if not quiet:
+        log.warning("upstream %s failed: %s (%s)", provider, kind, detail)
     timeout = kind in ("connect timeout", "read timeout")
     cls = UpstreamTimeout if timeout else UpstreamError
     what = _SAID.get(kind, "failed")

@@ -36,6 +36,7 @@ from .client import Response
 from .client import UpstreamClient
 from .client import close
 from .client import iter_raw
+from .client import reason
 
 log = logging.getLogger("boundless")
 
@@ -216,7 +217,8 @@ def relay_stream(resp: Response, lease: Lease, outcome: Outcome, provider: str, 
                     "The gateway is restarting and ended this stream; retry the request.", code="shutting_down"))
                 return
             status = "upstream_timeout" if isinstance(err, UpstreamTimeout) else "upstream_cut"
-            log.warning("stream from %s ended early: %s (%s)", provider, status, err.__cause__ or err.message)
+            why = "%s: %s" % reason(err.__cause__, reading=True) if err.__cause__ is not None else err.message
+            log.warning("stream from %s ended early: %s (%s)", provider, status, why)
             yield sse_error_event(err)
     except GeneratorExit:                        # the caller hung up: gunicorn closed the iterator
         status = "client_closed"
