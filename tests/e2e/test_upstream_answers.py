@@ -27,7 +27,8 @@ CAP = 4096
 SSE_HEAD = b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
 EVENTS = [b'data: {"id":"c","object":"chat.completion.chunk","choices":[{"index":0,"delta":{"content":"t%d"}}]}\n\n'
           % i for i in range(2)]
-USAGE = b'data: {"id":"c","object":"chat.completion.chunk","choices":[],"usage":{"prompt_tokens":5,"completion_tokens":2}}\n\n'
+USAGE = (b'data: {"id":"c","object":"chat.completion.chunk","choices":[],'
+         b'"usage":{"prompt_tokens":5,"completion_tokens":2}}\n\n')
 ERROR_400 = {"message": "bad temperature", "type": "invalid_request_error", "param": "temperature", "code": None}
 
 #: What the provider answers, by the request's message.
