@@ -44,19 +44,13 @@ def on_starting(server):
 def post_worker_init(worker):
     """The first worker prints the start-up summary (app/server/startup.py: catalogue, database, counters,
     workers, providers without a key). Cut the streams still open just before the graceful deadline, so each
-    is settled and logged; beat,
-    so that if this worker dies its held requests are found and settled; write each response head with its
-    first body bytes (app/server/onewrite.py); do once what gunicorn would do per request (app/server/workertune.py)."""
-    from app.server import onewrite
-    from app.server import workertune
+    is settled and logged; beat, so that if this worker dies its held requests are found and settled."""
     from app.server.lifecycle import freeze_startup_objects
     from app.server.lifecycle import install_graceful_stop
     from app.server.lifecycle import start_heartbeat
     if worker.age == 1:      # the first worker of this start (ages count up from 1): say once what was loaded
         from app.server.startup import print_summary
         print_summary(worker)
-    onewrite.install()
-    workertune.install(worker)
     install_graceful_stop(worker)
     start_heartbeat()
     freeze_startup_objects()

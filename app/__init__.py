@@ -55,7 +55,8 @@ def create_app(test_config: dict | None = None) -> Flask:
         limiter=RateLimiter(storage, cat.limits.day_timezone),
         keys=KeyCache(float(app.config["BOUNDLESS_KEY_CACHE_SECONDS"])),
         upstream=UpstreamClient(float(app.config["BOUNDLESS_UPSTREAM_CONNECT_TIMEOUT"]),
-                                float(app.config["BOUNDLESS_UPSTREAM_READ_TIMEOUT"])),
+                                float(app.config["BOUNDLESS_UPSTREAM_READ_TIMEOUT"]),
+                                max_body=int(app.config["BOUNDLESS_UPSTREAM_MAX_BODY_BYTES"])),
     )
 
     from .api import bp

@@ -31,7 +31,7 @@ from .errors import ConfigurationError
 DEFAULT_MAX_OUTPUT_TOKENS = 8192
 
 _LIMIT_KEYS = {"rpm", "rpd", "day_timezone"}
-_PROVIDER_KEYS = {"base_url", "api_key_env", "headers"}
+_PROVIDER_KEYS = {"base_url", "api_key_env", "headers", "proxy", "ca_bundle"}
 _MODEL_KEYS = {"provider", "upstream_model", "owned_by", "input_price", "output_price", "max_output_tokens"}
 _TOP_KEYS = {"limits", "providers", "models"}
 
@@ -42,6 +42,10 @@ class Provider:
     base_url: str
     api_key_env: str | None
     headers: dict[str, str] = field(default_factory=dict)
+    #: None: the proxy variables of the environment decide; "": no proxy; else the proxy URL for this provider.
+    proxy: str | None = None
+    #: A CA bundle (PEM file) to verify this provider's certificate with, instead of the default one.
+    ca_bundle: str | None = None
 
     @property
     def chat_url(self) -> str:
@@ -261,8 +265,16 @@ def _parse_provider(name: str, spec: dict, where: _Where) -> Provider:
     headers = spec.get("headers", {})
     if not isinstance(headers, dict) or not all(isinstance(v, str) for v in headers.values()):
         raise where.error("headers must be a table of strings", table, "headers")
+    proxy = spec.get("proxy")
+    if proxy is not None and (not isinstance(proxy, str) or (proxy and not re.match(r"https?://[^/?#]+/?$", proxy))):
+        raise where.error(f'proxy must be an http:// or https:// URL like "http://host:port", or "" for none, '
+                          f'not {proxy!r}', table, "proxy")
+    ca_bundle = _str(spec, "ca_bundle", table, where)
+    if ca_bundle is not None and not os.path.isfile(ca_bundle):
+        raise where.error(f"ca_bundle {ca_bundle!r} is not a file (a PEM bundle of CA certificates)", table,
+                          "ca_bundle")
     return Provider(name=name, base_url=base_url, api_key_env=_str(spec, "api_key_env", table, where),
-                    headers=dict(headers))
+                    headers=dict(headers), proxy=proxy, ca_bundle=ca_bundle)
 
 
 def _price(spec: dict, key: str, table: tuple[str, ...], where: _Where) -> Decimal:

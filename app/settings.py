@@ -31,6 +31,8 @@ DEFAULTS: dict[str, object] = {
     "BOUNDLESS_UPSTREAM_CONNECT_TIMEOUT": 5.0,
     #: Longest silence between two bytes from a provider, in seconds (not a limit on a whole stream).
     "BOUNDLESS_UPSTREAM_READ_TIMEOUT": 300.0,
+    #: Largest upstream answer read into memory (a JSON answer or an error, decoded), in bytes (502 above it).
+    "BOUNDLESS_UPSTREAM_MAX_BODY_BYTES": 64 * 1024 * 1024,
     #: Seconds a looked-up key stays cached in a worker (revocations and limit changes show within this).
     "BOUNDLESS_KEY_CACHE_SECONDS": 1.0,
     #: Peers trusted to say who the caller is in X-Forwarded-For (a local nginx); also read by gunicorn.conf.py.

@@ -10,7 +10,7 @@ From the repository root::
 * **Credit**: ``billing.reserve`` + ``billing.settle`` of a paid request (the two transactions every paid request
   runs) on SQLite and PostgreSQL (MariaDB too when it is up).
 * **Upstream call**: one JSON chat request and its answer through ``app.upstream.client`` (``UpstreamClient.open`` +
-  ``read_body``, kept-alive connection) against the mock upstream, next to the same bytes exchanged on a bare
+  ``UpstreamClient.read_body``, kept-alive connection) against the mock upstream, next to the same bytes exchanged on a bare
   socket, so the difference is what the HTTP client adds.
 
 Each figure is the median and the 99th percentile of single calls, in microseconds, from one thread (a request
@@ -144,7 +144,6 @@ def billing_rows(tmp: Path, n: int) -> list[tuple[str, float, float]]:
 
 def upstream_rows(tmp: Path, n: int) -> list[tuple[str, float, float]]:
     from app.upstream.client import UpstreamClient
-    from app.upstream.client import read_body
     from bench import targets
 
     (tmp / "procs").mkdir(exist_ok=True)
@@ -157,7 +156,7 @@ def upstream_rows(tmp: Path, n: int) -> list[tuple[str, float, float]]:
         payload = RAW.replace(b"bench-paid", b"mock-model")
 
         def gateway_client() -> None:
-            read_body(client.open(model, payload, False), "mock")
+            client.read_body(client.open(model, payload, False), "mock")
 
         sock = socket.create_connection(("127.0.0.1", port))
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -174,7 +173,7 @@ def upstream_rows(tmp: Path, n: int) -> list[tuple[str, float, float]]:
                 buf += sock.recv(65536)
 
         rows = [("bare socket (the mock and loopback)", *timed(bare_socket, n)),
-                ("app.upstream.client (app/upstream/http1.py)", *timed(gateway_client, n))]
+                ("app.upstream.client (requests, one Session)", *timed(gateway_client, n))]
         sock.close()
         return rows
     finally:

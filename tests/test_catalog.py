@@ -158,3 +158,28 @@ def test_offline_catalogue_follows_mock_upstream_url(monkeypatch):
     assert catalog.load(ROOT / "config" / "offline.toml").providers["mock"].base_url == "http://127.0.0.1:9100/v1"
     monkeypatch.setenv("MOCK_UPSTREAM_URL", "http://127.0.0.1:9300/v1")
     assert catalog.load(ROOT / "config" / "offline.toml").providers["mock"].base_url == "http://127.0.0.1:9300/v1"
+
+
+def test_a_providers_proxy_and_ca_bundle(tmp_path):
+    ca = tmp_path / "ca.pem"
+    ca.write_text("-----BEGIN CERTIFICATE-----\n")
+    cat = load(tmp_path, GOOD.replace('api_key_env = "P_KEY"', f'api_key_env = "P_KEY"\nproxy = "http://127.0.0.1:3128"'
+                                      f'\nca_bundle = "{ca}"'))
+    provider = cat.models["m-free"].provider
+    assert (provider.proxy, provider.ca_bundle) == ("http://127.0.0.1:3128", str(ca))
+    assert load(tmp_path, GOOD.replace('api_key_env = "P_KEY"', 'proxy = ""')).providers["p"].proxy == ""
+    default = load(tmp_path, GOOD).providers["p"]
+    assert (default.proxy, default.ca_bundle) == (None, None)      # the environment decides
+
+
+@pytest.mark.parametrize(("value", "words"), [
+    ('proxy = "127.0.0.1:3128"', "proxy must be an http:// or https:// URL"),
+    ('proxy = "http://host:1/path"', "proxy must be an http:// or https:// URL"),
+    ("proxy = 3128", "proxy must be"),
+    ('ca_bundle = "/no/such/ca.pem"', "is not a file"),
+    ('ca_bundle = ""', "ca_bundle must be a non-empty string"),
+])
+def test_a_bad_proxy_or_ca_bundle_is_refused_with_its_line(tmp_path, value, words):
+    with pytest.raises(ConfigurationError) as err:
+        load(tmp_path, GOOD.replace('api_key_env = "P_KEY"', f'api_key_env = "P_KEY"\n{value}'))
+    assert "c.toml:9:" in str(err.value) and words in str(err.value)

@@ -36,7 +36,7 @@ from .client import Response
 from .client import UpstreamClient
 from .client import close
 from .client import iter_raw
-from .client import read_body
+from .client import reason
 
 log = logging.getLogger("boundless")
 
@@ -44,6 +44,7 @@ log = logging.getLogger("boundless")
 CALLER_FAULTS = {400, 409, 413, 415, 422}
 
 STREAM_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+JSON_HEADERS = {"Content-Type": "application/json"}
 
 Finish = Callable[[Lease, Outcome], None]
 
@@ -60,7 +61,7 @@ def upstream_payload(body: dict, model: Model, stream: bool) -> bytes:
 
 def upstream_failure(resp: Response, body: bytes, model: Model) -> GatewayError | tuple[bytes, int, dict]:
     """Map a non-2xx upstream answer to what the caller gets (see the README's error table)."""
-    status = resp.status
+    status = resp.status_code
     provider = model.provider.name
     secret = model.provider.api_key()
     if secret:
@@ -68,7 +69,7 @@ def upstream_failure(resp: Response, body: bytes, model: Model) -> GatewayError 
     shaped = _openai_error(body)
     if status in CALLER_FAULTS:
         if shaped:
-            return body, status, {}
+            return body, status, dict(JSON_HEADERS)
         return InvalidRequest(f"The provider {provider!r} rejected the request (HTTP {status}).", status=status)
     if status == 429:
         retry = resp.headers.get("Retry-After")
@@ -99,51 +100,79 @@ def forward(client: UpstreamClient, model: Model, body: dict, lease: Lease, star
     """
     stream = lease.stream
     outcome = Outcome()
+    provider = model.provider.name
     try:
         resp = client.open(model, upstream_payload(body, model, stream), stream)
     except GatewayError as err:
         _finish(lease, outcome, "upstream_unreachable", started, finish)
         raise err
-    outcome.status = resp.status
+    outcome.status = status = resp.status_code
     outcome.ttfb_ms = (time.perf_counter() - started) * 1000
 
-    if resp.status >= 300 or not stream:
+    if status != 200 and (status < 400 or status > 599):         # 1xx, 204, 3xx...: not a chat completion
+        close(resp, False)
+        _finish(lease, outcome, "upstream_error", started, finish)
+        raise _unusable(provider, f"HTTP {status} where a chat completion was expected")
+    if stream and status == 200 and not _is_event_stream(resp):
+        close(resp, False)
+        _finish(lease, outcome, "upstream_error", started, finish)
+        raise _unusable(provider, f"{_media_type(resp)!r} where an event stream was expected")
+    if status >= 400 or not stream:
         try:
-            data = read_body(resp, model.provider.name)
+            data = client.read_body(resp, provider)
         except GatewayError:
             _finish(lease, outcome, "upstream_cut", started, finish)
             raise
-        if resp.status >= 300:
+        if status >= 400:
             _finish(lease, outcome, "upstream_error", started, finish)
             mapped = upstream_failure(resp, data, model)
             if isinstance(mapped, GatewayError):
                 raise mapped
             return mapped
+        answer = _json_object(data)
+        if answer is None:                       # an HTML page, an empty or truncated body...: nothing to charge
+            _finish(lease, outcome, "upstream_error", started, finish)
+            raise _unusable(provider, f"{_media_type(resp)!r} that is not a JSON object where a chat "
+                                      f"completion was expected")
         outcome.produced = True
-        outcome.usage = _usage_of(data)
+        usage = answer.get("usage")
+        outcome.usage = usage if isinstance(usage, dict) else None
         _finish(lease, outcome, "complete", started, finish)
-        return data, 200, {"Content-Type": resp.headers.get("Content-Type", "application/json")}
+        return data, 200, dict(JSON_HEADERS)
 
     caller_asked = _asked_usage(body)
     streams.add(resp, client_socket)
-    return (relay_stream(resp, lease, outcome, model.provider.name, not caller_asked, started, finish, streams),
+    return (relay_stream(resp, lease, outcome, provider, not caller_asked, started, finish, streams),
             200, {**STREAM_HEADERS, "Content-Type": "text/event-stream; charset=utf-8"})
+
+
+def _unusable(provider: str, what: str) -> UpstreamError:
+    log.warning("upstream %s answered unusably: %s", provider, what)
+    return UpstreamError(f"The provider {provider!r} sent an unusable answer: {what}.")
+
+
+def _media_type(resp: Response) -> str:
+    return resp.headers.get("Content-Type", "").split(";", 1)[0].strip().lower()[:60] or "no Content-Type"
+
+
+def _is_event_stream(resp: Response) -> bool:
+    """A stream's answer is SSE; one without a Content-Type is given the benefit of the doubt (its events
+    are checked as they come, and a stream that never says [DONE] is a cut)."""
+    kind = _media_type(resp)
+    return kind in ("text/event-stream", "no Content-Type")
+
+
+def _json_object(data: bytes) -> dict | None:
+    try:
+        obj = loads(data)
+    except ValueError:
+        return None
+    return obj if isinstance(obj, dict) else None
 
 
 def _asked_usage(body: dict) -> bool:
     opts = body.get("stream_options")
     return isinstance(opts, dict) and opts.get("include_usage") is True
-
-
-def _usage_of(data: bytes) -> dict | None:
-    if b'"usage"' not in data:
-        return None
-    try:
-        obj = loads(data)
-    except ValueError:
-        return None
-    usage = obj.get("usage") if isinstance(obj, dict) else None
-    return usage if isinstance(usage, dict) else None
 
 
 def relay_stream(resp: Response, lease: Lease, outcome: Outcome, provider: str, strip_usage: bool,
@@ -174,11 +203,11 @@ def relay_stream(resp: Response, lease: Lease, outcome: Outcome, provider: str, 
                     yield out
                     outcome.delivered_events += pending
                     pending = 0
-            tail = relay.flush()
+            tail = relay.flush()                 # an event without its blank line (maybe the [DONE])
+            if not relay.done:                   # the body ended without [DONE]: whatever its framing, a cut
+                raise UpstreamError(f"The provider {provider!r} closed the stream before its end (no [DONE]).")
             if tail:
                 yield tail
-            if not relay.done:
-                yield b"data: [DONE]\n\n"
         except UpstreamError as err:             # the provider cut or stalled the stream after it began...
             status = streams.cut_reason(resp)    # ...or we did (streams.py): the caller left, or we are stopping
             if status == "client_closed":
@@ -188,7 +217,8 @@ def relay_stream(resp: Response, lease: Lease, outcome: Outcome, provider: str, 
                     "The gateway is restarting and ended this stream; retry the request.", code="shutting_down"))
                 return
             status = "upstream_timeout" if isinstance(err, UpstreamTimeout) else "upstream_cut"
-            log.warning("stream from %s ended early: %s (%s)", provider, status, err.__cause__ or err)
+            why = "%s: %s" % reason(err.__cause__, reading=True) if err.__cause__ is not None else err.message
+            log.warning("stream from %s ended early: %s (%s)", provider, status, why)
             yield sse_error_event(err)
     except GeneratorExit:                        # the caller hung up: gunicorn closed the iterator
         status = "client_closed"

@@ -19,7 +19,6 @@ import threading
 import time
 from typing import Callable
 
-from .http1 import original_poll
 from .client import shutdown
 
 log = logging.getLogger("boundless")
@@ -99,7 +98,18 @@ class OpenStreams:
                 shutdown(resp)
 
 
-_poll = original_poll()
+def _original_poll():
+    """The operating system's ``select.poll``, even where gevent has patched it: with a zero timeout it never
+    blocks, and gevent's stand-in would need a turn of the event loop to see anything. (Not ``select``: a busy
+    worker's descriptors pass its limit of 1,024.)"""
+    try:
+        from gevent.monkey import get_original
+    except ImportError:
+        return select.poll
+    return get_original("select", "poll")
+
+
+_poll = _original_poll()
 _GONE = select.POLLHUP | select.POLLERR | select.POLLNVAL
 
 
