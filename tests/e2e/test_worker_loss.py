@@ -87,8 +87,10 @@ def held_by(pid: int) -> list[Usage]:
     return list(Usage.select().where((Usage.state == "held") & Usage.owner.endswith(f":{pid}")))
 
 
-def test_worker_killed_under_load_has_its_reservations_settled(gateway_factory, database):
-    gw = gateway_factory(database_url=database.url)
+def test_worker_killed_under_load_has_its_reservations_settled(gateway_factory, database, tmp_path):
+    # Counters in this test's own file: the default for a server database is one file under instance/, shared
+    # with every other test run, where this load would use up other tests' keys' daily windows (same key ids).
+    gw = gateway_factory(database_url=database.url, ratelimit_storage=f"sqlite:///{tmp_path / 'ratelimit.db'}")
     key = gw.create_key(rpm=100_000, rpd=100_000, credit="1000")
     db.initialize(make_database(database.url))
     try:
