@@ -12,6 +12,7 @@ from flask import Flask
 
 from . import catalog
 from . import errors
+from .server import bodytimeout
 from .server import forwarded
 from .server import health
 from .server import logs
@@ -43,6 +44,7 @@ def create_app(test_config: dict | None = None) -> Flask:
 
     errors.init_app(app)
     forwarded.init_app(app)
+    bodytimeout.init_app(app)
     models.init_app(app)
     with models.db.connection_context():
         schema.ensure()

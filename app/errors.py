@@ -54,6 +54,12 @@ class InvalidRequest(GatewayError):
     status, type, code = 400, "invalid_request_error", "invalid_request"
 
 
+class RequestTimeout(GatewayError):
+    """The request body did not arrive within BOUNDLESS_BODY_TIMEOUT (app/server/bodytimeout.py)."""
+
+    status, type, code = 408, "invalid_request_error", "request_timeout"
+
+
 class AuthenticationError(GatewayError):
     """The key is missing, unknown or revoked."""
 

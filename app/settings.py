@@ -27,6 +27,8 @@ DEFAULTS: dict[str, object] = {
     "BOUNDLESS_RATELIMIT_STORAGE": "",
     #: Largest accepted request body, in bytes (413 above it).
     "BOUNDLESS_MAX_BODY_BYTES": 10 * 1024 * 1024,
+    #: Seconds a caller has to send a whole request body (408 after; a slow body cannot hold a connection slot).
+    "BOUNDLESS_BODY_TIMEOUT": 30.0,
     #: Seconds to connect to a provider.
     "BOUNDLESS_UPSTREAM_CONNECT_TIMEOUT": 5.0,
     #: Longest silence between two bytes from a provider, in seconds (not a limit on a whole stream).

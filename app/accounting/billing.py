@@ -381,10 +381,13 @@ def settle_lost(owners: list[str]) -> int:
     the gateway's fault, so the caller does not pay for it; the row says ``outcome = worker_lost``.
     Returns the number of rows settled.
     """
+    # Read every row before the first write. A query still being iterated keeps its read snapshot open, and on
+    # SQLite in WAL mode a connection whose snapshot is older than another process's commit cannot start a write
+    # transaction ("database is locked", whatever the busy timeout): the workers commit all the time.
+    rows = list(Usage.select(Usage.id, Usage.key, Usage.reserved).where(
+        (Usage.state == "held") & (Usage.owner.in_(owners))).tuples())
     n = 0
-    for row in Usage.select(Usage.id, Usage.key, Usage.reserved).where(
-            (Usage.state == "held") & (Usage.owner.in_(owners))).tuples():
-        usage_id, key_id, reserved = row
+    for usage_id, key_id, reserved in rows:
         with db.atomic():
             if reserved:
                 _lock_key(db.execute_sql, key_id)

@@ -21,6 +21,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import time
 import uuid
@@ -258,7 +259,9 @@ def test_shipped_file_is_what_the_tests_run():
                       "client_max_body_size 10m;", "proxy_http_version 1.1;", 'proxy_set_header Connection "";',
                       "proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;",
                       "proxy_set_header X-Forwarded-Proto $scheme;", "proxy_set_header X-Real-IP $remote_addr;",
-                      "proxy_pass http://boundless;"):
+                      "proxy_pass http://boundless;", "proxy_request_buffering on;", "client_body_timeout",
+                      "error_page 400 494 /_boundless/bad_request;",
+                      "error_page 414 /_boundless/uri_too_long;"):
         assert directive in active, directive
     assert "10m" in text and MAX_BODY == 10 * 1024 * 1024       # nginx's m is MiB, as the gateway's default
     # The generated site differs from the shipped one in exactly two lines.
@@ -386,6 +389,49 @@ def test_body_limit_matches_the_gateway(nginx, key):
     assert_openai_error(resp.status_code, {k.lower(): v for k, v in resp.headers.items()}, resp.content, 413,
                         "request_too_large")
     assert "X-Request-Id" not in resp.headers
+
+
+def raw_request(port: int, data: bytes) -> tuple[int, dict, bytes]:
+    """Send ``data`` as is on a new connection; return the response's status, headers and body (read to the end:
+    nginx closes the connection after refusing a malformed request)."""
+    buf = b""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        try:
+            sock.sendall(data)
+            while chunk := sock.recv(65536):
+                buf += chunk
+        except ConnectionResetError:      # closed with part of the request unread: a reset, maybe before the answer
+            if not buf:
+                return 0, {}, b""
+    head, _, body = buf.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    headers = {k.strip().lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:])}
+    return int(lines[0].split()[1]), headers, body
+
+
+MALFORMED = {
+    "content-length and transfer-encoding": (
+        b"POST /api/v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n"
+        b"Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n", 400, "bad_request"),
+    "NUL in a header": (b"GET /api/v1/models HTTP/1.1\r\nHost: x\r\nX-Bad: a\x00b\r\n\r\n", 400, "bad_request"),
+    "oversized header": (b"GET /api/v1/models HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 20000 + b"\r\n\r\n",
+                         400, "bad_request"),
+    "oversized request line": (b"GET /api/v1/models?" + b"a" * 20000 + b" HTTP/1.1\r\nHost: x\r\n\r\n",
+                               414, "uri_too_long"),
+    "garbage request line": (b"\x01\x02 nonsense\r\n\r\n", 400, "bad_request"),
+}
+
+
+@pytest.mark.parametrize("case", list(MALFORMED), ids=list(MALFORMED))
+def test_malformed_http_gets_json_from_nginx(nginx, gw, case):
+    data, want_status, code = MALFORMED[case]
+    status, headers, body = raw_request(nginx.port, data)
+    assert_openai_error(status, headers, body, want_status, code)
+    # Straight to gunicorn, the same request gets gunicorn's own page (what the README's error table says), or a
+    # reset when gunicorn closes with the rest of an oversized request unread.
+    status, headers, body = raw_request(gw.port, data)
+    assert status == 0 or (400 <= status < 500 and headers.get("content-type") == "text/html"), (
+        status, headers, body[:200])
 
 
 def test_gateway_down_is_a_json_502(tmp_path, key):
