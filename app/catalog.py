@@ -31,8 +31,15 @@ from .errors import ConfigurationError
 DEFAULT_MAX_OUTPUT_TOKENS = 8192
 
 _LIMIT_KEYS = {"rpm", "rpd", "day_timezone"}
-_PROVIDER_KEYS = {"base_url", "api_key_env", "headers", "proxy", "ca_bundle"}
-_MODEL_KEYS = {"provider", "upstream_model", "owned_by", "input_price", "output_price", "max_output_tokens"}
+_PROVIDER_KEYS = {"base_url", "api_key_env", "headers", "proxy", "ca_bundle", "responses", "api"}
+_MODEL_KEYS = {"provider", "upstream_model", "owned_by", "input_price", "output_price", "max_output_tokens", "kind"}
+
+#: The APIs a provider may speak (``api``): OpenAI's (``base_url`` ends in ``/v1``) or Anthropic's Messages
+#: API (``base_url`` is the Anthropic root, ``/v1/messages`` is appended).
+APIS = ("openai", "anthropic")
+
+#: What a model serves (``kind``): chat (``/chat/completions``, ``/responses``, ``/messages``) or embeddings.
+KINDS = ("chat", "embedding")
 _TOP_KEYS = {"limits", "providers", "models"}
 
 
@@ -46,10 +53,18 @@ class Provider:
     proxy: str | None = None
     #: A CA bundle (PEM file) to verify this provider's certificate with, instead of the default one.
     ca_bundle: str | None = None
+    #: The provider serves OpenAI's Responses API at ``base_url + "/responses"``.
+    responses: bool = False
+    #: The API it speaks, one of :data:`APIS`.
+    api: str = "openai"
 
     @property
     def chat_url(self) -> str:
         return self.base_url.rstrip("/") + "/chat/completions"
+
+    def url(self, path: str) -> str:
+        """The URL of one of the provider's endpoints: ``path`` (``"/embeddings"``...) after ``base_url``."""
+        return self.base_url.rstrip("/") + path
 
     def api_key(self) -> str | None:
         """Read the provider key from the environment at call time (never stored in the catalogue)."""
@@ -65,6 +80,8 @@ class Model:
     input_price: Decimal = Decimal(0)
     output_price: Decimal = Decimal(0)
     max_output_tokens: int = DEFAULT_MAX_OUTPUT_TOKENS
+    #: What it serves, one of :data:`KINDS`.
+    kind: str = "chat"
 
     @property
     def paid(self) -> bool:
@@ -273,8 +290,23 @@ def _parse_provider(name: str, spec: dict, where: _Where) -> Provider:
     if ca_bundle is not None and not os.path.isfile(ca_bundle):
         raise where.error(f"ca_bundle {ca_bundle!r} is not a file (a PEM bundle of CA certificates)", table,
                           "ca_bundle")
+    responses = spec.get("responses", False)
+    if not isinstance(responses, bool):
+        raise where.error(f"responses must be true or false, not {responses!r}", table, "responses")
+    api = _choice(spec, "api", APIS, table, where)
+    if responses and api != "openai":
+        raise where.error('responses = true needs api = "openai" (the Responses API is OpenAI\'s)', table,
+                          "responses")
     return Provider(name=name, base_url=base_url, api_key_env=_str(spec, "api_key_env", table, where),
-                    headers=dict(headers), proxy=proxy, ca_bundle=ca_bundle)
+                    headers=dict(headers), proxy=proxy, ca_bundle=ca_bundle, responses=responses, api=api)
+
+
+def _choice(spec: dict, key: str, allowed: tuple[str, ...], table: tuple[str, ...], where: _Where) -> str:
+    """A string key that takes one of ``allowed`` (the first is its default)."""
+    value = spec.get(key, allowed[0])
+    if value not in allowed:
+        raise where.error(f"{key} must be one of {', '.join(repr(a) for a in allowed)}, not {value!r}", table, key)
+    return value
 
 
 def _price(spec: dict, key: str, table: tuple[str, ...], where: _Where) -> Decimal:
@@ -309,4 +341,5 @@ def _parse_model(mid: str, spec: dict, providers: dict[str, Provider], where: _W
         input_price=_price(spec, "input_price", table, where),
         output_price=_price(spec, "output_price", table, where),
         max_output_tokens=_int(spec, "max_output_tokens", DEFAULT_MAX_OUTPUT_TOKENS, table, where, minimum=1),
+        kind=_choice(spec, "kind", KINDS, table, where),
     )

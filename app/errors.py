@@ -7,15 +7,21 @@ The one error hierarchy of the gateway, and the only place errors are rendered.
 Every error a caller can see is a :class:`GatewayError` subclass that knows its HTTP status and its OpenAI
 error ``type``/``code``. Views and modules raise them; :func:`init_app` registers the app-level handlers that
 turn them (and Werkzeug's routing errors, and anything unexpected) into OpenAI-shaped JSON:
-``{"error": {"message", "type", "param", "code"}}``. Nothing here ever puts a traceback or a secret in a body.
+``{"error": {"message", "type", "param", "code"}}``, except on the Anthropic Messages route (``/messages``),
+whose callers are Anthropic SDKs: there the same errors, with the same statuses, take Anthropic's shape
+``{"type": "error", "error": {"type", "message"}}`` (:func:`anthropic_route` decides, by path, in this one
+place). Nothing here ever puts a traceback or a secret in a body.
 """
 from __future__ import annotations
 
 import logging
+import re
 
 from flask import Flask
 from flask import Response
+from flask import has_request_context
 from flask import json
+from flask import request
 from werkzeug.exceptions import HTTPException
 
 log = logging.getLogger("boundless")
@@ -42,10 +48,34 @@ class GatewayError(Exception):
     def to_dict(self) -> dict:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
+    def to_anthropic(self) -> dict:
+        """The error in the shape of Anthropic's API (for the ``/messages`` route)."""
+        kind = _ANTHROPIC_TYPES.get(self.status) or ("api_error" if self.status >= 500 else "invalid_request_error")
+        return {"type": "error", "error": {"type": kind, "message": self.message}}
+
     def response(self) -> Response:
-        resp = Response(json.dumps(self.to_dict()), status=self.status, mimetype="application/json")
+        body = self.to_anthropic() if anthropic_route() else self.to_dict()
+        resp = Response(json.dumps(body), status=self.status, mimetype="application/json")
         resp.headers.update(self.headers)
         return resp
+
+
+#: Anthropic's error ``type`` for each status (https://docs.anthropic.com/en/api/errors).
+_ANTHROPIC_TYPES = {400: "invalid_request_error", 401: "authentication_error", 402: "billing_error",
+                    403: "permission_error", 404: "not_found_error", 413: "request_too_large",
+                    429: "rate_limit_error", 500: "api_error", 504: "timeout_error", 529: "overloaded_error"}
+
+#: The Anthropic Messages API's paths, under either prefix (``/api/v1`` or ``/v1``).
+_ANTHROPIC_PATH = re.compile(r"/(?:api/)?v1/messages(?:/|$)")
+
+
+def anthropic_route(path: str | None = None) -> bool:
+    """Whether the request (or ``path``) is on the Anthropic Messages API, whose errors take Anthropic's shape."""
+    if path is None:
+        if not has_request_context():
+            return False
+        path = request.path
+    return _ANTHROPIC_PATH.match(path) is not None
 
 
 class InvalidRequest(GatewayError):
@@ -73,6 +103,13 @@ class InsufficientCredits(GatewayError):
     """
 
     status, type, code = 402, "insufficient_quota", "insufficient_quota"
+
+
+class WrongEndpoint(InvalidRequest):
+    """The model exists but this endpoint cannot serve it: an embedding model on a chat endpoint or the reverse
+    (``wrong_model_kind``), or a provider that does not speak this endpoint's API (``endpoint_not_supported``)."""
+
+    code = "wrong_model_kind"
 
 
 class ModelNotFound(GatewayError):
@@ -118,6 +155,11 @@ class ConfigurationError(Exception):
 def sse_error_event(err: GatewayError) -> bytes:
     """Render ``err`` as one SSE event, for failures after a stream's first byte (the status line is gone)."""
     return b"data: " + json.dumps(err.to_dict()).encode() + b"\n\n"
+
+
+def anthropic_sse_error_event(err: GatewayError) -> bytes:
+    """``err`` as the ``error`` event of an Anthropic stream (the Anthropic SDKs raise it as an API error)."""
+    return b"event: error\ndata: " + json.dumps(err.to_anthropic()).encode() + b"\n\n"
 
 
 def _handle_gateway_error(err: GatewayError) -> Response:

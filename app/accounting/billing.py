@@ -37,6 +37,7 @@ from ..catalog import Model
 from .credits import as_number
 from .credits import cost
 from .credits import to_credits
+from .usage import Bounds
 from ..errors import InsufficientCredits
 from ..errors import ServiceUnavailable
 from .ledger_sql import statements
@@ -191,20 +192,27 @@ class Outcome:
     settled: tuple[int, int, int, bool] | None = None
 
 
-def reserve(key_id: int, model: Model, body: dict, raw_body: bytes, stream: bool, request_id: str) -> Lease:
+def reserve(key_id: int, model: Model, body: dict, raw_body: bytes, stream: bool, request_id: str,
+            bounds: Bounds | None = None) -> Lease:
     """Hold the worst-case cost of a request on the key's balance.
+
+    :param bounds: the worst case in tokens, for APIs other than chat (``app.accounting.usage``); None: a chat
+        body's, from :func:`prompt_upper_bound` and :func:`max_completion_tokens`.
 
     :raise InsufficientCredits: the balance does not cover the worst case; nothing was changed.
     :raise ServiceUnavailable: the database is unreachable.
     """
     lease = Lease(request_id=request_id, key_id=key_id, model=model, stream=stream, prompt_bytes=len(raw_body))
     prompt = completion = worst = 0
-    if model.paid:
+    if model.paid and bounds is not None:
+        prompt, completion = bounds.prompt, bounds.completion
+        worst = cost(prompt, completion, model.input_price, model.output_price)
+    elif model.paid:
         prompt = prompt_upper_bound(body)
         completion = max_completion_tokens(body, model)
         worst = cost(prompt, completion, model.input_price, model.output_price)
     if worst > _MAX_RESERVATION:         # no balance can hold it, and the database could not even store it
-        return _refuse(key_id, prompt, completion, worst, model, body)
+        return _refuse(key_id, prompt, completion, worst, model, body, bounds)
     sql = statements(db)
     hold = (request_id, key_id, model.id, utcnow(), "held", stream, worst, 0, 0, 0, False, "", OWNER.get())
 
@@ -219,29 +227,32 @@ def reserve(key_id: int, model: Model, body: dict, raw_body: bytes, stream: bool
     except PeeweeException as err:
         raise ServiceUnavailable("The credit database is unavailable; try again shortly.") from err
     if taken != 1:
-        return _refuse(key_id, prompt, completion, worst, model, body)
+        return _refuse(key_id, prompt, completion, worst, model, body, bounds)
     lease.reserved = worst
     return lease
 
 
-def _refuse(key_id: int, prompt: int, completion: int, worst: int, model: Model, body: dict):
+def _refuse(key_id: int, prompt: int, completion: int, worst: int, model: Model, body: dict,
+            bounds: Bounds | None = None):
     """:raise InsufficientCredits: always, with the balance and the largest limit it covers."""
     try:
         balance = ApiKey.select(ApiKey.balance).where(ApiKey.id == key_id).scalar() or 0
     except PeeweeException as err:
         raise ServiceUnavailable("The credit database is unavailable; try again shortly.") from err
-    raise InsufficientCredits(_refusal(balance, prompt, completion, worst, model, body), param="max_tokens")
+    field = bounds.limit_field if bounds is not None else "max_tokens"
+    raise InsufficientCredits(_refusal(balance, prompt, completion, worst, model, body, field), param=field)
 
 
-def _refusal(balance: int, prompt: int, completion: int, worst: int, model: Model, body: dict) -> str:
+def _refusal(balance: int, prompt: int, completion: int, worst: int, model: Model, body: dict,
+             field: str | None = "max_tokens") -> str:
     msg = (f"Insufficient credits: this request to {model.id} may cost up to {to_credits(worst)} credits "
            f"({prompt} prompt tokens at most, {completion} completion tokens), and the key's balance is "
            f"{to_credits(balance)}.")
-    if model.output_price > 0:
+    if model.output_price > 0 and field is not None:
         # The limit is a top-level number, which the prompt bound does not count: asking for it changes
         # nothing else, so the same request with this limit is admitted.
-        asked = _limit_field(body)
-        name = asked[0] if asked else "max_tokens"
+        asked = _limit_field(body) if field == "max_tokens" else None
+        name = asked[0] if asked else field
         n = min(MAX_TOKENS, max(0, int((balance - prompt * model.input_price) // model.output_price)))
         if n > 0:
             return msg + f" The balance covers {name}={n}; ask for that or less, or top up."

@@ -229,8 +229,12 @@ class UpstreamClient:
 
     # ------------------------------------------------------------------ calls
 
-    def open(self, model: Model, payload: bytes, stream: bool) -> Response:
+    def open(self, model: Model, payload: bytes, stream: bool, path: str | None = None,
+             headers: dict | None = None) -> Response:
         """POST ``payload`` to the model's provider; return the response with its body not yet read.
+
+        :param path: the endpoint after the provider's ``base_url`` (default ``/chat/completions``).
+        :param headers: more headers for this call (e.g. the caller's ``anthropic-version``).
 
         :raise UpstreamTimeout: no connection or no response headers in time.
         :raise UpstreamError: the provider could not be reached, or its answer's head is unusable (a malformed
@@ -241,7 +245,11 @@ class UpstreamClient:
         call = self._call(provider, stream, provider.api_key())
         request = requests.PreparedRequest()
         request.method, request.url, request.body = "POST", call.route.url, payload
+        if path is not None:
+            request.url = provider.url(path)        # same host as the chat URL: same proxies and CA
         request.headers = call.headers.copy()
+        if headers:
+            request.headers.update(headers)
         request.headers["Content-Length"] = str(len(payload))
         try:
             resp = session.send(request, stream=True, timeout=self._timeout, verify=call.route.verify,
@@ -299,7 +307,9 @@ def _request_headers(provider: Provider, stream: bool, key: str | None) -> CaseI
         "Content-Type": "application/json", "Accept-Encoding": "identity",
         "Accept": "text/event-stream" if stream else "application/json", "User-Agent": "boundless/0.1",
         **provider.headers})
-    if key:
+    if key and provider.api == "anthropic":              # Anthropic's API takes its key as x-api-key
+        headers["x-api-key"] = key
+    elif key:
         headers["Authorization"] = f"Bearer {key}"
     for name, value in headers.items():
         if any(c in str(name) + str(value) for c in "\r\n\0"):     # a value that would split the request

@@ -2,10 +2,13 @@
 app.upstream.proxy
 ~~~~~~~~~~~~~~~~~~
 
-Forward one chat request to its provider and relay the answer: upstream → relay → settle.
+Forward one request to its provider and relay the answer: upstream → relay → settle, for every API the
+gateway serves (chat completions, embeddings, Responses, Anthropic Messages: :mod:`app.upstream.apis` says
+what differs between them).
 
-The request body is rewritten only where it must be (``model`` becomes the upstream name; streams always ask
-for usage); the answer goes back byte for byte. Settlement and the finish hook run exactly once per request,
+The request body is rewritten only where it must be (``model`` becomes the upstream name; chat streams always
+ask for usage); the answer goes back byte for byte but for its ``model`` value, which names the catalogue id
+the caller asked for (:mod:`app.upstream.rename`). Settlement and the finish hook run exactly once per request,
 whether it ends normally, on an upstream failure, or when the caller hangs up (WSGI closes the body iterator,
 which raises ``GeneratorExit`` at the stream's ``yield``). The stream generator receives everything it needs
 as arguments and never touches ``flask.g`` or ``request``.
@@ -27,9 +30,10 @@ from ..errors import RateLimited
 from ..errors import ServiceUnavailable
 from ..errors import UpstreamError
 from ..errors import UpstreamTimeout
-from ..errors import sse_error_event
-from ..jsonio import dumps
 from ..jsonio import loads
+from .apis import CHAT
+from .apis import Api
+from .rename import ModelName
 from .sse import EventRelay
 from .streams import OpenStreams
 from .client import Response
@@ -49,24 +53,15 @@ JSON_HEADERS = {"Content-Type": "application/json"}
 Finish = Callable[[Lease, Outcome], None]
 
 
-def upstream_payload(body: dict, model: Model, stream: bool) -> bytes:
-    """The body the provider gets: the caller's, with the upstream model name and (streams) usage asked for."""
-    out = dict(body)
-    out["model"] = model.upstream_model
-    if stream:
-        opts = out.get("stream_options")
-        out["stream_options"] = {**(opts if isinstance(opts, dict) else {}), "include_usage": True}
-    return dumps(out)
-
-
-def upstream_failure(resp: Response, body: bytes, model: Model) -> GatewayError | tuple[bytes, int, dict]:
+def upstream_failure(resp: Response, body: bytes, model: Model,
+                     api: Api = CHAT) -> GatewayError | tuple[bytes, int, dict]:
     """Map a non-2xx upstream answer to what the caller gets (see the README's error table)."""
     status = resp.status_code
     provider = model.provider.name
     secret = model.provider.api_key()
     if secret:
         body = body.replace(secret.encode(), b"***")
-    shaped = _openai_error(body)
+    shaped = api.error_shaped(body)
     if status in CALLER_FAULTS:
         if shaped:
             return body, status, dict(JSON_HEADERS)
@@ -84,25 +79,23 @@ def upstream_failure(resp: Response, body: bytes, model: Model) -> GatewayError 
     return UpstreamError(f"The provider {provider!r} failed (HTTP {status}).")
 
 
-def _openai_error(body: bytes) -> bool:
-    try:
-        obj = loads(body)
-    except ValueError:
-        return False
-    return isinstance(obj, dict) and isinstance(obj.get("error"), dict)
-
-
 def forward(client: UpstreamClient, model: Model, body: dict, lease: Lease, started: float,
-            finish: Finish, streams: OpenStreams, client_socket=None) -> tuple[Iterator[bytes] | bytes, int, dict]:
+            finish: Finish, streams: OpenStreams, client_socket=None, api: Api = CHAT,
+            caller_headers: dict | None = None) -> tuple[Iterator[bytes] | bytes, int, dict]:
     """Send the request upstream; return (body or stream of bytes, status, headers) for the caller.
 
     Failures before anything was relayed raise a :class:`GatewayError` after settling the lease (at no cost).
+
+    :param api: the provider API of the call (chat completions by default).
+    :param caller_headers: the caller's request headers, of which ``api`` forwards its own few.
     """
     stream = lease.stream
     outcome = Outcome()
     provider = model.provider.name
+    what = api.answer
     try:
-        resp = client.open(model, upstream_payload(body, model, stream), stream)
+        resp = client.open(model, api.payload(body, model, stream), stream, api.path,
+                           api.headers(caller_headers or {}))
     except GatewayError as err:
         _finish(lease, outcome, "upstream_unreachable", started, finish)
         raise err
@@ -112,7 +105,7 @@ def forward(client: UpstreamClient, model: Model, body: dict, lease: Lease, star
     if status != 200 and (status < 400 or status > 599):         # 1xx, 204, 3xx...: not a chat completion
         close(resp, False)
         _finish(lease, outcome, "upstream_error", started, finish)
-        raise _unusable(provider, f"HTTP {status} where a chat completion was expected")
+        raise _unusable(provider, f"HTTP {status} where {what} was expected")
     if stream and status == 200 and not _is_event_stream(resp):
         close(resp, False)
         _finish(lease, outcome, "upstream_error", started, finish)
@@ -125,24 +118,23 @@ def forward(client: UpstreamClient, model: Model, body: dict, lease: Lease, star
             raise
         if status >= 400:
             _finish(lease, outcome, "upstream_error", started, finish)
-            mapped = upstream_failure(resp, data, model)
+            mapped = upstream_failure(resp, data, model, api)
             if isinstance(mapped, GatewayError):
                 raise mapped
             return mapped
         answer = _json_object(data)
         if answer is None:                       # an HTML page, an empty or truncated body...: nothing to charge
             _finish(lease, outcome, "upstream_error", started, finish)
-            raise _unusable(provider, f"{_media_type(resp)!r} that is not a JSON object where a chat "
-                                      f"completion was expected")
+            raise _unusable(provider, f"{_media_type(resp)!r} that is not a JSON object where {what} "
+                                      f"was expected")
         outcome.produced = True
         usage = answer.get("usage")
-        outcome.usage = usage if isinstance(usage, dict) else None
+        outcome.usage = api.reader(usage) if isinstance(usage, dict) else None
         _finish(lease, outcome, "complete", started, finish)
-        return data, 200, dict(JSON_HEADERS)
+        return ModelName(model.id).answer(data, answer), 200, dict(JSON_HEADERS)
 
-    caller_asked = _asked_usage(body)
     streams.add(resp, client_socket)
-    return (relay_stream(resp, lease, outcome, provider, not caller_asked, started, finish, streams),
+    return (relay_stream(resp, lease, outcome, provider, api.relay(body, model), started, finish, streams, api),
             200, {**STREAM_HEADERS, "Content-Type": "text/event-stream; charset=utf-8"})
 
 
@@ -170,20 +162,15 @@ def _json_object(data: bytes) -> dict | None:
     return obj if isinstance(obj, dict) else None
 
 
-def _asked_usage(body: dict) -> bool:
-    opts = body.get("stream_options")
-    return isinstance(opts, dict) and opts.get("include_usage") is True
-
-
-def relay_stream(resp: Response, lease: Lease, outcome: Outcome, provider: str, strip_usage: bool,
-                 started: float, finish: Finish, streams: OpenStreams) -> Iterator[bytes]:
+def relay_stream(resp: Response, lease: Lease, outcome: Outcome, provider: str, relay: EventRelay,
+                 started: float, finish: Finish, streams: OpenStreams, api: Api = CHAT) -> Iterator[bytes]:
     """Yield the upstream's events as they arrive; settle in ``finally`` however the stream ends.
 
     A stream whose usage has arrived is settled just before its ``[DONE]`` goes out, not after: the OpenAI
     SDKs stop reading at ``[DONE]``, so a caller that then asks for its balance (``GET /api/v1/key``) must
-    already see the charge. The end of the stream then only reports it.
+    already see the charge. The end of the stream then only reports it. The other APIs' streams end with their
+    own last event (``response.completed``, ``message_stop``), settled the same way.
     """
-    relay = EventRelay(strip_usage_chunk=strip_usage)
     pending = 0
     first = True
     status = "complete"
@@ -197,15 +184,15 @@ def relay_stream(resp: Response, lease: Lease, outcome: Outcome, provider: str, 
                     if first:
                         outcome.ttfb_ms, first = (time.perf_counter() - started) * 1000, False
                     if relay.done and relay.usage is not None and not settled_at_done:
-                        outcome.usage, settled_at_done = relay.usage, True
+                        outcome.usage, settled_at_done = api.reader(relay.usage), True
                         _settle(lease, outcome, "complete", started)
                     pending = content
                     yield out
                     outcome.delivered_events += pending
                     pending = 0
             tail = relay.flush()                 # an event without its blank line (maybe the [DONE])
-            if not relay.done:                   # the body ended without [DONE]: whatever its framing, a cut
-                raise UpstreamError(f"The provider {provider!r} closed the stream before its end (no [DONE]).")
+            if not relay.done:                   # the body ended without its last event: whatever its framing, a cut
+                raise UpstreamError(f"The provider {provider!r} closed the stream before its end (no {api.end}).")
             if tail:
                 yield tail
         except UpstreamError as err:             # the provider cut or stalled the stream after it began...
@@ -213,20 +200,20 @@ def relay_stream(resp: Response, lease: Lease, outcome: Outcome, provider: str, 
             if status == "client_closed":
                 return
             if status == "shutdown":
-                yield sse_error_event(ServiceUnavailable(
+                yield api.sse_error(ServiceUnavailable(
                     "The gateway is restarting and ended this stream; retry the request.", code="shutting_down"))
                 return
             status = "upstream_timeout" if isinstance(err, UpstreamTimeout) else "upstream_cut"
             why = "%s: %s" % reason(err.__cause__, reading=True) if err.__cause__ is not None else err.message
             log.warning("stream from %s ended early: %s (%s)", provider, status, why)
-            yield sse_error_event(err)
+            yield api.sse_error(err)
     except GeneratorExit:                        # the caller hung up: gunicorn closed the iterator
         status = "client_closed"
         raise
     finally:
         close(resp, status == "complete")        # else closes the upstream socket: the provider stops generating
         streams.discard(resp)
-        outcome.usage = relay.usage
+        outcome.usage = api.reader(relay.usage) if relay.usage is not None else None
         # Settled at [DONE] (what followed cannot change the charge): reported as the ledger has it.
         _finish(lease, outcome, "complete" if settled_at_done else status, started, finish)
 
