@@ -61,8 +61,8 @@ def create_app(test_config: dict | None = None) -> Flask:
                                 max_body=int(app.config["BOUNDLESS_UPSTREAM_MAX_BODY_BYTES"])),
     )
 
-    from .api import bp
-    app.register_blueprint(bp)
+    from . import api
+    api.init_app(app)
     health.init_app(app)
     metrics.init_app(app)
     logs.init_app(app)

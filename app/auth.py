@@ -2,7 +2,8 @@
 app.auth
 ~~~~~~~~
 
-Who is calling: ``Authorization: Bearer sk-...`` → SHA-256 → the key's row (cached briefly per process).
+Who is calling: ``Authorization: Bearer sk-...`` (or, on the Anthropic Messages route, ``x-api-key: sk-...``)
+→ SHA-256 → the key's row (cached briefly per process).
 """
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from flask import g
 from flask import request
 
 from .errors import AuthenticationError
+from .errors import anthropic_route
 from .keys import KeyInfo
 from .keys import mask
 from .state import state
@@ -25,6 +27,8 @@ def authenticate() -> KeyInfo:
     if key is not None:
         return key
     header = request.headers.get("Authorization", "")
+    if not header and anthropic_route() and request.headers.get("x-api-key"):
+        header = "Bearer " + request.headers["x-api-key"]      # the Anthropic SDKs and Claude Code send this
     scheme, _, token = header.partition(" ")
     token = token.strip()
     if not header:

@@ -13,9 +13,19 @@ Run from the repo root::
 It prints ``mock upstream listening on http://127.0.0.1:PORT`` when ready (``--port 0`` picks a
 free port) and exits cleanly on SIGTERM/SIGINT. Uses uvloop when importable.
 
-Endpoints: ``POST .../chat/completions`` (the fake model), ``GET .../models``,
-``GET /_mock/requests`` (recorded chat requests, last 1000), ``POST /_mock/reset``,
-``GET /_mock/health``; anything else is a 404 with an OpenAI-shaped error.
+Endpoints: ``POST .../chat/completions`` (the fake model), ``POST .../embeddings``, ``POST .../responses``
+(OpenAI's Responses API, JSON and SSE ending with ``response.completed``), ``POST .../messages`` (Anthropic's
+Messages API, JSON and SSE: ``message_start`` ... ``message_stop``; its errors in Anthropic's shape),
+``GET .../models``, ``GET /_mock/requests`` (recorded model requests with their headers, last 1000),
+``POST /_mock/reset``, ``GET /_mock/health``; anything else is a 404 with an OpenAI-shaped error.
+
+The knobs below work on every model endpoint unless they say otherwise (``split_utf8``, ``gzip``,
+``set_cookie``, ``echo_headers``, ``close_delimited`` are chat's only; ``cut_after`` on the other APIs' streams
+counts their delta events). Embeddings: one vector of ``dimensions`` (default 8) floats per input, as base64
+float32 when ``encoding_format`` is ``"base64"``; ``prompt_tokens`` = words of each string input + length of
+each token array. Responses and Messages count input tokens as chat does (words of the text, + 4 per
+message or input item, + the words of ``instructions`` / ``system``); ``usage`` replaces what they report
+(Messages: the ``message_start`` gets all but ``output_tokens``, the ``message_delta`` that).
 
 Per-request knobs go in the chat body as ``"mock": {...}`` (all optional):
 
@@ -44,12 +54,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import functools
 import gzip
 import http
 import json
 import re
 import signal
+import struct
 import subprocess
 import sys
 import threading
@@ -339,6 +351,8 @@ class MockServer:
         path, status = req.path.split("?", 1)[0], 200
         if req.method == "POST" and path.endswith("/chat/completions"):
             return await self.chat(conn, req)
+        if req.method == "POST" and path.endswith(("/embeddings", "/responses", "/messages")):
+            return await self.chat(conn, req, self.other_apis[path.rsplit("/", 1)[1]])
         if req.method == "GET" and path.endswith("/models"):
             payload: Any = MODELS
         elif req.method == "GET" and path == "/_mock/requests":
@@ -352,7 +366,7 @@ class MockServer:
             status, payload = 404, openai_error(f"{req.method} {path} not found", "not_found")
         return await conn.send(json_response(status, payload, req.keep_alive))
 
-    async def chat(self, conn: Connection, req: Request) -> bool:
+    async def chat(self, conn: Connection, req: Request, answer: Callable | None = None) -> bool:
         try:
             body = json.loads(req.body)
         except ValueError:
@@ -368,7 +382,7 @@ class MockServer:
         if self.record:
             self.records.append(record)
         try:
-            keep = await self.answer(conn, req, body, knobs)
+            keep = await (answer or self.answer)(conn, req, body, knobs)
         except (TypeError, ValueError) as exc:  # a knob of the wrong type (checked before any output)
             keep = await conn.send(json_response(400, openai_error(f"bad mock knob: {exc}"), req.keep_alive))
         finally:
@@ -476,6 +490,160 @@ class MockServer:
             tail += frame(gz.flush())
         tail += b"" if close_delimited else b"0\r\n\r\n"
         return await self.finish(conn, req, tail) and not close_delimited
+
+    # ----------------------------------------------------------------------- the other APIs
+
+    @property
+    def other_apis(self) -> dict[str, Callable]:
+        return {"embeddings": self.embeddings, "responses": self.responses, "messages": self.messages}
+
+    async def early(self, conn: Connection, req: Request, knobs: dict, anthropic: bool = False) -> bool | None:
+        """The knobs that answer before the model does (hang, raw_status, status); None to go on."""
+        if not await conn.pause(float(knobs.get("hang", 0))):
+            return False
+        if "raw_status" in knobs:
+            return await self.finish(conn, req, plain_response(
+                int(knobs["raw_status"]), str(knobs.get("raw_body", "")).encode(),
+                str(knobs.get("raw_content_type", "text/plain")), req.keep_alive))
+        if "status" in knobs:
+            if anthropic:
+                error = {"type": "error", "error": knobs.get("error", {"type": "api_error", "message": "mock error"})}
+            else:
+                error = {"error": knobs.get("error", DEFAULT_ERROR)}
+            return await self.finish(conn, req, json_response(int(knobs["status"]), error, req.keep_alive))
+        return None
+
+    def _pieces(self, knobs: dict) -> list[str]:
+        content = knobs.get("content")
+        return content_pieces(None if content is None else str(content),
+                              int(knobs.get("chunks", self.defaults.chunks)), "chunks" in knobs)
+
+    async def embeddings(self, conn: Connection, req: Request, body: dict, knobs: dict) -> bool:
+        if (done := await self.early(conn, req, knobs)) is not None:
+            return done
+        given = body.get("input")
+        items = [given] if isinstance(given, str) or (
+            isinstance(given, list) and given and all(isinstance(t, int) for t in given)) else list(given or [])
+        dims = int(body.get("dimensions") or 8)
+        data, prompt = [], 0
+        for i, item in enumerate(items):
+            prompt += len(item.split()) if isinstance(item, str) else len(item)
+            vector = [round((i + 1) * 0.001 * (j + 1), 6) for j in range(dims)]
+            if body.get("encoding_format") == "base64":
+                vector = base64.b64encode(struct.pack(f"<{dims}f", *vector)).decode()
+            data.append({"object": "embedding", "index": i, "embedding": vector})
+        payload: dict[str, Any] = {"object": "list", "data": data, "model": body.get("model")}
+        usage = knobs.get("usage") or {"prompt_tokens": prompt, "total_tokens": prompt}
+        if not knobs.get("no_usage"):
+            payload["usage"] = usage
+        if not await conn.pause(float(knobs.get("latency", self.defaults.latency))):
+            return False
+        return await self.finish(conn, req, json_response(200, payload, req.keep_alive))
+
+    async def responses(self, conn: Connection, req: Request, body: dict, knobs: dict) -> bool:
+        if (done := await self.early(conn, req, knobs)) is not None:
+            return done
+        pieces = self._pieces(knobs)
+        given = body.get("input")
+        items = [{"content": given}] if isinstance(given, str) else given
+        prompt = prompt_tokens(items) + len(str(body.get("instructions") or "").split())
+        usage = knobs.get("usage") or {"input_tokens": prompt, "output_tokens": len(pieces),
+                                       "total_tokens": prompt + len(pieces)}
+        n = conn.record["id"]
+        text = "".join(pieces)
+
+        def item(status: str, content: list) -> dict:
+            return {"type": "message", "id": f"msg_mock{n}", "status": status, "role": "assistant",
+                    "content": content}
+
+        part = {"type": "output_text", "text": text, "annotations": []}
+
+        def response(status: str, output: list, with_usage: bool) -> dict:
+            out = {"id": f"resp_mock{n}", "object": "response", "created_at": int(time.time()), "status": status,
+                   "model": body.get("model"), "output": output, "parallel_tool_calls": True, "tool_choice": "auto",
+                   "tools": [], "usage": None}
+            if with_usage and not knobs.get("no_usage"):
+                out["usage"] = usage
+            return out
+
+        if not body.get("stream"):
+            return await self.finish(conn, req, json_response(
+                200, response("completed", [item("completed", [part])], True), req.keep_alive))
+        seq = iter(range(1 << 30))
+
+        def event(kind: str, **fields: Any) -> bytes:
+            return f"event: {kind}\ndata: {_dumps({'type': kind, 'sequence_number': next(seq), **fields})}\n\n".encode()
+
+        loc = {"item_id": f"msg_mock{n}", "output_index": 0, "content_index": 0}
+        head = [event("response.created", response=response("in_progress", [], False)),
+                event("response.in_progress", response=response("in_progress", [], False)),
+                event("response.output_item.added", output_index=0, item=item("in_progress", [])),
+                event("response.content_part.added", **loc, part={**part, "text": ""})]
+        deltas = [event("response.output_text.delta", **loc, delta=p) for p in pieces]
+        tail = [event("response.output_text.done", **loc, text=text),
+                event("response.content_part.done", **loc, part=part),
+                event("response.output_item.done", output_index=0, item=item("completed", [part])),
+                event("response.completed", response=response("completed", [item("completed", [part])], True))]
+        return await self.events(conn, req, knobs, head, deltas, tail)
+
+    async def messages(self, conn: Connection, req: Request, body: dict, knobs: dict) -> bool:
+        if (done := await self.early(conn, req, knobs, anthropic=True)) is not None:
+            return done
+        pieces = self._pieces(knobs)
+        system = body.get("system")
+        prompt = prompt_tokens(body.get("messages")) + prompt_tokens([{"content": system}] if system else [])
+        usage = knobs.get("usage") or {"input_tokens": prompt, "output_tokens": len(pieces),
+                                       "cache_creation_input_tokens": 0, "cache_read_input_tokens": 0}
+        n = conn.record["id"]
+
+        def message(content: list, with_usage: dict | None) -> dict:
+            out = {"id": f"msg_mock{n}", "type": "message", "role": "assistant", "model": body.get("model"),
+                   "content": content, "stop_reason": None if with_usage is not usage else "end_turn",
+                   "stop_sequence": None}
+            if with_usage is not None and not knobs.get("no_usage"):
+                out["usage"] = with_usage
+            return out
+
+        if not body.get("stream"):
+            return await self.finish(conn, req, json_response(
+                200, message([{"type": "text", "text": "".join(pieces)}], usage), req.keep_alive))
+
+        def event(kind: str, **fields: Any) -> bytes:
+            return f"event: {kind}\ndata: {_dumps({'type': kind, **fields})}\n\n".encode()
+
+        start = {**{k: v for k, v in usage.items() if k != "output_tokens"}, "output_tokens": 1}
+        head = [event("message_start", message=message([], start)),
+                event("content_block_start", index=0, content_block={"type": "text", "text": ""}),
+                event("ping")]
+        deltas = [event("content_block_delta", index=0, delta={"type": "text_delta", "text": p}) for p in pieces]
+        delta: dict[str, Any] = {"delta": {"stop_reason": "end_turn", "stop_sequence": None}}
+        if not knobs.get("no_usage"):
+            delta["usage"] = {"output_tokens": usage.get("output_tokens", len(pieces))}
+        tail = [event("content_block_stop", index=0), event("message_delta", **delta), event("message_stop")]
+        return await self.events(conn, req, knobs, head, deltas, tail)
+
+    async def events(self, conn: Connection, req: Request, knobs: dict, head: list[bytes], deltas: list[bytes],
+                     tail: list[bytes]) -> bool:
+        """Stream ``head`` at once, each delta after ``gap`` (``cut_after`` N: drop the connection after N), then
+        ``tail``."""
+        gap = float(knobs.get("gap", self.defaults.gap))
+        cut_after = _opt_int(knobs, "cut_after")
+        headers = [("Content-Type", "text/event-stream"), ("Cache-Control", "no-cache"),
+                   ("Transfer-Encoding", "chunked")]
+        if not await conn.pause(float(knobs.get("ttfb", self.defaults.ttfb))):
+            return False
+        if not await conn.send(response_head(200, headers) + b"".join(_chunk_frame(e) for e in head)):
+            return False
+        for i in range(len(deltas) + 1):
+            if i == cut_after:
+                conn.cut()
+                return False
+            if i == len(deltas):
+                break
+            if not (await conn.pause(gap) and await conn.send(_chunk_frame(deltas[i]))):
+                return False
+            conn.record["chunks_sent"] += 1
+        return await self.finish(conn, req, b"".join(_chunk_frame(e) for e in tail) + b"0\r\n\r\n")
 
     @staticmethod
     async def finish(conn: Connection, req: Request, data: bytes) -> bool:

@@ -37,7 +37,6 @@ from ..catalog import Model
 from .credits import as_number
 from .credits import cost
 from .credits import to_credits
-from .usage import Bounds
 from ..errors import InsufficientCredits
 from ..errors import ServiceUnavailable
 from .ledger_sql import statements
@@ -129,7 +128,7 @@ def _content_bytes(content) -> int:
         if isinstance(node, str):
             total += _utf8_len(node)
         elif isinstance(node, dict):
-            if "image_url" in node:
+            if "image_url" in node or node.get("type") == "image":     # OpenAI's parts; Anthropic's image blocks
                 total += IMAGE_TOKENS
             stack.extend(node.values())
         elif isinstance(node, list):
@@ -160,6 +159,17 @@ def _limit_field(body: dict) -> tuple[str, int] | None:
 def max_completion_tokens(body: dict, model: Model) -> int:
     asked = _limit_field(body)
     return asked[1] if asked else model.max_output_tokens
+
+
+@dataclass(frozen=True)
+class Bounds:
+    """The worst case of a request of an API other than chat (``app.accounting.usage`` computes it): at most
+    ``prompt`` prompt tokens and ``completion`` completion tokens. ``limit_field`` names the body's field that
+    caps the completion (the 402's advice names it), None if none does."""
+
+    prompt: int
+    completion: int
+    limit_field: str | None = "max_tokens"
 
 
 @dataclass

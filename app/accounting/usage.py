@@ -15,14 +15,20 @@ Each provider API reports usage in its own words; a reader turns them into
 * Anthropic Messages: ``input_tokens`` + ``cache_creation_input_tokens`` + ``cache_read_input_tokens`` (all
   charged at the input price) / ``output_tokens``.
 
-No Flask here.
+The worst case to reserve (:class:`~app.accounting.billing.Bounds`) is the chat one's, read from each API's
+body: the prompt bound of :func:`~app.accounting.billing.prompt_upper_bound` over its messages (Responses'
+``input`` items count as messages) and other fields, and the completion limit the caller gave
+(``max_output_tokens``, Anthropic's required ``max_tokens``) or else the model's ``max_output_tokens``; an
+embedding has no completion. No Flask here.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Callable
 
 from ..catalog import Model
+from .billing import MESSAGE_TOKENS
+from .billing import Bounds
+from .billing import prompt_upper_bound
 
 #: Tokens an embedding model may add around each input (begin/end markers), on top of its text.
 EMBEDDING_INPUT_TOKENS = 8
@@ -53,18 +59,6 @@ def anthropic(usage: dict) -> dict:
     return {"prompt_tokens": prompt, "completion_tokens": _n(usage, "output_tokens")}
 
 
-@dataclass(frozen=True)
-class Bounds:
-    """The worst case of one request: at most ``prompt`` prompt tokens and ``completion`` completion tokens.
-
-    ``limit_field`` names the body's field that caps the completion (for the 402's advice), None if none does.
-    """
-
-    prompt: int
-    completion: int
-    limit_field: str | None = "max_tokens"
-
-
 def _asked(body: dict, name: str) -> int | None:
     value = body.get(name)
     return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
@@ -91,3 +85,23 @@ def embedding_prompt_bound(body: dict) -> int:
         elif item is not None:
             total += len(repr(item))
     return total
+
+
+def embeddings_bounds(body: dict) -> Bounds:
+    return Bounds(embedding_prompt_bound(body), 0, None)
+
+
+def responses_bounds(body: dict, model: Model) -> Bounds:
+    """A Responses body (validated: ``input`` a string or an array of objects)."""
+    items = body.get("input")
+    prompt = prompt_upper_bound({k: v for k, v in body.items() if k != "input"})
+    if isinstance(items, list):
+        prompt += prompt_upper_bound({"messages": items}) - prompt_upper_bound({})
+    elif isinstance(items, str):
+        prompt += MESSAGE_TOKENS + len(items.encode("utf-8", "surrogatepass"))
+    return Bounds(prompt, completion_bound(body, model, "max_output_tokens"), "max_output_tokens")
+
+
+def messages_bounds(body: dict, model: Model) -> Bounds:
+    """An Anthropic Messages body (validated: ``messages`` an array of objects)."""
+    return Bounds(prompt_upper_bound(body), completion_bound(body, model, "max_tokens"), "max_tokens")

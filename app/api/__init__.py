@@ -2,7 +2,8 @@
 app.api
 ~~~~~~~
 
-The ``/api/v1`` blueprint: every route here is authenticated by key and carries the rate-limit headers.
+The ``/api/v1`` blueprint (also served under ``/v1``: :func:`init_app`): every route here is authenticated by
+key and carries the rate-limit headers.
 
 Top layer: the views narrate the request path and may import every area (``app.upstream``,
 ``app.accounting``, ``app.limits`` through ``app.state``, ``app.store``) and the plain modules. Nothing imports
@@ -48,5 +49,16 @@ def _headers(resp: Response) -> Response:
     return resp
 
 
+def init_app(app) -> None:
+    """Serve every route of ``bp`` under ``/api/v1`` and again under ``/v1``, for tools that assume OpenAI's
+    prefix: the same blueprint registered twice, so a route added to it later has both prefixes too."""
+    app.register_blueprint(bp)
+    app.register_blueprint(bp, name="api_v1", url_prefix="/v1")
+
+
 # The routes register themselves on ``bp``; imported last because they import ``bp`` from here.
 from . import routes  # noqa: E402,F401
+from . import models  # noqa: E402,F401
+from . import embeddings  # noqa: E402,F401
+from . import responses  # noqa: E402,F401
+from . import messages  # noqa: E402,F401

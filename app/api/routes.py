@@ -11,20 +11,14 @@ import time
 from flask import Response
 from flask import g
 from flask import jsonify
-from flask import request
 
 from ..accounting import billing
-from ..accounting.billing import MAX_TOKENS
-from ..upstream import guard
-from ..upstream import proxy
+from ..upstream.apis import CHAT
 from ..auth import authenticate
 from ..errors import InvalidRequest
-from ..errors import ModelNotFound
-from ..jsonio import MAX_DEPTH
-from ..jsonio import TooDeep
-from ..jsonio import loads
 from ..state import state
 from . import bp
+from . import flow
 
 
 @bp.get("/models")
@@ -48,28 +42,10 @@ def key_info() -> Response:
 def chat_completions() -> Response:
     """auth (before_request) → validate → resolve → limit → reserve → upstream → relay → settle."""
     started = time.perf_counter()
-    gw = state()
     key = authenticate()
     raw, body = parse_chat_body()
-    model = gw.catalog.resolve(body["model"])
-    if model is None:
-        raise ModelNotFound(f"The model '{body['model']}' does not exist or you do not have access to it.",
-                            param="model")
-    g.boundless_model = model                  # for the log line and metrics of a refused request
-    g._boundless_rate = decision = gw.limiter.hit(key.id, *gw.limits_for(key))
-    if decision.refused:
-        raise decision.error()
-    stream = body.get("stream") is True
-    lease = billing.reserve(key.id, model, body, raw, stream, g.request_id)
-    with guard.settled_on_crash(lease, started, gw.finish):  # a bug of ours never leaves the credit held
-        lease.context = {"key_name": key.name, "key_prefix": key.prefix, "method": request.method,
-                         "path": request.path, "remote_addr": request.remote_addr}
-        g.boundless_lease = lease              # from here on, the finish hooks report this request
-        out, status, headers = proxy.forward(gw.upstream, model, body, lease, started, gw.finish, gw.streams,
-                                             request.environ.get("gunicorn.socket"))
-        if not isinstance(out, bytes):
-            out = guard.stream_net(out, lease)
-    return Response(out, status=status, headers=headers)
+    model = flow.resolve(key, body["model"], CHAT)
+    return flow.relay(CHAT, key, model, body, raw, body.get("stream") is True, started)
 
 
 def parse_chat_body() -> tuple[bytes, dict]:
@@ -77,31 +53,15 @@ def parse_chat_body() -> tuple[bytes, dict]:
 
     :raise InvalidRequest: 400 for anything that is not a chat request.
     """
-    raw = request.get_data(cache=False)        # 413 above MAX_CONTENT_LENGTH
-    try:
-        body = loads(raw, max_depth=MAX_DEPTH)
-    except TooDeep:
-        raise InvalidRequest(f"The JSON body nests objects and arrays deeper than {MAX_DEPTH} levels.") from None
-    except ValueError:
-        raise InvalidRequest("We could not parse the JSON body of your request. The body must be a JSON object "
-                             "(see https://platform.openai.com/docs/api-reference/chat).") from None
-    if not isinstance(body, dict):
-        raise InvalidRequest("The request body must be a JSON object.")
-    model = body.get("model")
-    if not isinstance(model, str) or not model:
-        raise InvalidRequest("'model' is required and must be a string naming a model.", param="model")
+    raw, body = flow.read_json_object("https://platform.openai.com/docs/api-reference/chat")
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise InvalidRequest("'messages' is required and must be a non-empty array.", param="messages")
     if not all(isinstance(m, dict) for m in messages):
         raise InvalidRequest("Every item of 'messages' must be an object.", param="messages")
-    stream = body.get("stream")
-    if stream is not None and not isinstance(stream, bool):    # 1 == True: a membership test lets 1 through
-        raise InvalidRequest("'stream' must be a boolean (true or false).", param="stream")
+    flow.check_stream(body)
     if body.get("stream_options") is not None and not isinstance(body["stream_options"], dict):
         raise InvalidRequest("'stream_options' must be an object.", param="stream_options")
     for name in ("max_completion_tokens", "max_tokens"):
-        limit = body.get(name)
-        if isinstance(limit, int) and not isinstance(limit, bool) and limit > MAX_TOKENS:
-            raise InvalidRequest(f"'{name}' must be at most {MAX_TOKENS}.", param=name)
+        flow.check_limit(body, name)
     return raw, body

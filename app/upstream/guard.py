@@ -48,16 +48,18 @@ def settled_on_crash(lease: Lease, started: float, finish: Callable[[Lease, Outc
         raise InternalError(_MESSAGE) from err
 
 
-def stream_net(chunks: Iterator[bytes], lease: Lease) -> Iterator[bytes]:
+def stream_net(chunks: Iterator[bytes], lease: Lease,
+               render: Callable[[GatewayError], bytes] = sse_error_event) -> Iterator[bytes]:
     """Relay ``chunks``; if they fail with an exception that is not a :class:`GatewayError`, log it, make sure
-    the lease is settled, and end the stream with one SSE error event instead of a cut connection."""
+    the lease is settled, and end the stream with one SSE error event (``render``: the stream's API's shape)
+    instead of a cut connection."""
     try:
         yield from chunks
     except Exception:                # GeneratorExit (the caller hung up) is not an Exception: it passes
         log.exception("stream %s failed inside the gateway", lease.request_id)
         if not lease.settled:        # the relay's finally settles; this only covers a failure of that too
             _settle_at_no_cost(lease, None, None)
-        yield sse_error_event(InternalError(_MESSAGE))
+        yield render(InternalError(_MESSAGE))
 
 
 def _settle_at_no_cost(lease: Lease, started: float | None, finish) -> None:
