@@ -4,6 +4,7 @@ answer's model field, and the credit of each to the micro-credit."""
 from __future__ import annotations
 
 import json
+import time
 import uuid
 
 import anthropic
@@ -91,6 +92,17 @@ def ledger_rows(gw, name) -> list[dict]:
                     .join(ApiKey).where(ApiKey.name == name).order_by(Usage.id).dicts())
     db.close()
     return rows
+
+
+def settled_rows(gw, name) -> list[dict]:
+    """The key's ledger rows once none is held: a stream that ended in an error event settles just after the
+    event went out (bounded wait, no timing assert)."""
+    for _ in range(100):
+        rows = ledger_rows(gw, name)
+        if all(r["state"] == "settled" for r in rows):
+            return rows
+        time.sleep(0.1)
+    raise AssertionError(f"rows still held: {rows}")
 
 
 def remaining_rpm(gw, key) -> int:
@@ -238,7 +250,7 @@ def test_a_cut_responses_stream_is_estimated(gw):
         for _ in client.responses.create(model="resp-model", input="hello there", stream=True,
                                          extra_body={"mock": {"cut_after": 2}}):
             pass
-    rows = ledger_rows(gw, name)
+    rows = settled_rows(gw, name)
     assert len(rows) == 1 and rows[0]["estimated"] and rows[0]["outcome"] == "upstream_cut"
     assert rows[0]["completion_tokens"] == 2 and rows[0]["charge"] > 0
     assert spent(gw, name) == rows[0]["charge"]
@@ -311,7 +323,7 @@ def test_messages_errors_are_anthropic_shaped(gw, mock):
     with pytest.raises(anthropic.APIStatusError):
         list(claude(gw, key).messages.create(model="claude-model", max_tokens=50, messages=MSG, stream=True,
                                              extra_body={"mock": {"cut_after": 2}}))
-    rows = ledger_rows(gw, name)
+    rows = settled_rows(gw, name)
     assert [(r["outcome"], r["estimated"], r["completion_tokens"]) for r in rows] == [
         ("upstream_error", False, 0), ("upstream_cut", True, 2)]
     assert spent(gw, name) == rows[1]["charge"] > 0
