@@ -183,3 +183,41 @@ def test_a_bad_proxy_or_ca_bundle_is_refused_with_its_line(tmp_path, value, word
     with pytest.raises(ConfigurationError) as err:
         load(tmp_path, GOOD.replace('api_key_env = "P_KEY"', f'api_key_env = "P_KEY"\n{value}'))
     assert "c.toml:9:" in str(err.value) and words in str(err.value)
+
+
+def test_kind_responses_and_api(tmp_path):
+    cat = load(tmp_path, GOOD + """
+[providers.oa]
+base_url = "https://api.openai.com/v1"
+responses = true
+
+[providers.an]
+base_url = "https://api.anthropic.com"
+api = "anthropic"
+
+[models.emb]
+provider = "oa"
+kind = "embedding"
+
+[models.claude]
+provider = "an"
+""")
+    assert (cat.models["m-free"].kind, cat.models["emb"].kind) == ("chat", "embedding")
+    p, oa, an = cat.providers["p"], cat.providers["oa"], cat.providers["an"]
+    assert (p.responses, p.api, oa.responses, oa.api, an.api) == (False, "openai", True, "openai", "anthropic")
+    assert an.url("/v1/messages") == "https://api.anthropic.com/v1/messages"
+
+
+@pytest.mark.parametrize("extra, line, words", [
+    ('[models.bad]\nprovider = "p"\nkind = "image"\n', 'kind = "image"', "kind must be one of 'chat', 'embedding'"),
+    ('[providers.bad]\nbase_url = "http://x"\napi = "gemini"\n', 'api = "gemini"', "api must be one of"),
+    ('[providers.bad]\nbase_url = "http://x"\nresponses = "yes"\n', 'responses = "yes"', "responses must be true"),
+    ('[providers.bad]\nbase_url = "http://x"\napi = "anthropic"\nresponses = true\n', "responses = true",
+     'needs api = "openai"'),
+])
+def test_bad_kind_responses_or_api_is_refused_with_its_line(tmp_path, extra, line, words):
+    text = GOOD + extra
+    with pytest.raises(ConfigurationError) as err:
+        load(tmp_path, text)
+    n = text.splitlines().index(line) + 1
+    assert f"c.toml:{n}:" in str(err.value) and words in str(err.value)
