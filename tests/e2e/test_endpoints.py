@@ -266,7 +266,8 @@ def test_messages_with_the_anthropic_sdk_and_x_api_key(gw, mock, prefix):
     mock.reset()
     usage = {"input_tokens": 10, "cache_creation_input_tokens": 3, "cache_read_input_tokens": 7, "output_tokens": 4}
     raw = claude(gw, key, prefix).messages.with_raw_response.create(
-        model="claude-model", max_tokens=50, messages=MSG, extra_headers={"anthropic-beta": "tools-2024-05-16", "anthropic-version": "2099-01-01"},
+        model="claude-model", max_tokens=50, messages=MSG,
+        extra_headers={"anthropic-beta": "tools-2024-05-16", "anthropic-version": "2099-01-01"},
         extra_body={"mock": {"usage": usage}})
     out = raw.parse()
     assert out.content[0].text == "tok0 tok1 tok2 tok3 tok4" and out.model == "claude-model"
