@@ -13,6 +13,7 @@ from flask import g
 from flask import jsonify
 from flask import request
 
+from .. import policy
 from ..accounting import billing
 from ..accounting.billing import MAX_TOKENS
 from ..upstream import guard
@@ -23,30 +24,33 @@ from ..errors import ModelNotFound
 from ..jsonio import MAX_DEPTH
 from ..jsonio import TooDeep
 from ..jsonio import loads
+from ..server import inflight
 from ..state import state
 from . import bp
 
 
 @bp.get("/models")
 def list_models() -> Response:
-    """The catalogue, in OpenAI's list shape."""
+    """The catalogue models the key may call, in OpenAI's list shape."""
+    key = authenticate()
     data = [{"id": m.id, "object": "model", "created": 0, "owned_by": m.owned_by}
-            for m in state().catalog.models.values()]
+            for m in state().catalog.models.values() if policy.allows(key, m.id)]
     return jsonify({"object": "list", "data": data})
 
 
 @bp.get("/key")
 def key_info() -> Response:
-    """The calling key's balance, spending and limits (not rate-counted)."""
+    """The calling key's balance, spending, limits and policy (not rate-counted)."""
     key = authenticate()
     decision = g._boundless_rate
-    return jsonify({"data": {**billing.key_summary(key.id), "rpm": decision.rpm, "rpd": decision.rpd,
-                             "remaining_rpm": decision.remaining_rpm, "remaining_rpd": decision.remaining_rpd}})
+    return jsonify({"data": {**billing.key_summary(key.id, state().budget_tz), "rpm": decision.rpm,
+                             "rpd": decision.rpd, "remaining_rpm": decision.remaining_rpm,
+                             "remaining_rpd": decision.remaining_rpd, **policy.describe(key, key.max_parallel)}})
 
 
 @bp.post("/chat/completions")
 def chat_completions() -> Response:
-    """auth (before_request) → validate → resolve → limit → reserve → upstream → relay → settle."""
+    """auth (before_request) → validate → resolve → policy → limit → reserve → upstream → relay → settle."""
     started = time.perf_counter()
     gw = state()
     key = authenticate()
@@ -56,11 +60,13 @@ def chat_completions() -> Response:
         raise ModelNotFound(f"The model '{body['model']}' does not exist or you do not have access to it.",
                             param="model")
     g.boundless_model = model                  # for the log line and metrics of a refused request
+    policy.check_model(key, model)             # 403 model_not_allowed: before the limiter, so it costs no hit
+    inflight.occupy(key)                       # 429 too_many_parallel_requests; freed when the response ends
     g._boundless_rate = decision = gw.limiter.hit(key.id, *gw.limits_for(key))
     if decision.refused:
         raise decision.error()
     stream = body.get("stream") is True
-    lease = billing.reserve(key.id, model, body, raw, stream, g.request_id)
+    lease = billing.reserve(key.id, model, body, raw, stream, g.request_id, tz=gw.budget_tz)
     with guard.settled_on_crash(lease, started, gw.finish):  # a bug of ours never leaves the credit held
         lease.context = {"key_name": key.name, "key_prefix": key.prefix, "method": request.method,
                          "path": request.path, "remote_addr": request.remote_addr}
