@@ -15,6 +15,7 @@ from . import errors
 from .server import bodytimeout
 from .server import forwarded
 from .server import health
+from .server import inflight
 from .server import logs
 from .server import metrics
 from .server import refusals
@@ -67,4 +68,5 @@ def create_app(test_config: dict | None = None) -> Flask:
     metrics.init_app(app)
     logs.init_app(app)
     refusals.init_app(app)
+    inflight.init_app(app)
     return app

@@ -10,18 +10,20 @@ from __future__ import annotations
 from flask import g
 from flask import request
 
+from . import policy
 from .errors import AuthenticationError
 from .errors import anthropic_route
 from .keys import KeyInfo
 from .keys import mask
 from .state import state
+from .store.models import utcnow
 
 
 def authenticate() -> KeyInfo:
     """Return the calling key, memoised on ``g`` for the rest of the request.
 
     :raise AuthenticationError: 401 when the key is missing, malformed, unknown or revoked (``invalid_api_key``),
-        or disabled (``key_disabled``, until ``boundless keys enable``).
+        or disabled (``key_disabled``, until ``boundless keys enable``), or past its expiry (``key_expired``).
     """
     key = g.get("_boundless_key")
     if key is not None:
@@ -43,5 +45,9 @@ def authenticate() -> KeyInfo:
         g.boundless_refused_key = info         # known, so its refusal is counted (app/server/reporting.py)
         raise AuthenticationError(f"The API key {mask(token)} is disabled. Ask the gateway's operator to enable "
                                   f"it again.", code="key_disabled")
+    if policy.expired(info, utcnow()):
+        g.boundless_refused_key = info
+        raise AuthenticationError(f"The API key {mask(token)} expired at {policy.iso_utc(info.expires_at)}. Ask the "
+                                  f"gateway's operator for a new key or a later expiry.", code="key_expired")
     g._boundless_key = info
     return info

@@ -16,6 +16,7 @@ import os
 import socket
 import sqlite3
 import sys
+import zoneinfo
 from decimal import Decimal
 from importlib.metadata import PackageNotFoundError
 from importlib.metadata import version as package_version
@@ -26,6 +27,8 @@ from peewee import PeeweeException
 from peewee import fn
 
 from . import keys as keyadmin
+from . import policy
+from .accounting import budget as budgets
 from .store import schema
 from .catalog import Catalog
 from .catalog import load as load_catalog
@@ -222,6 +225,70 @@ def keys() -> None:
     """Create, list, update, top up, disable, enable and revoke API keys."""
 
 
+def _policy_options(update: bool):
+    """The per-key policy options of `keys create` and `keys update` (README, "Per-key policy")."""
+    lift = {"models": ' (or "*": every model)', "expires": " or never", "budget": " or none", "parallel": " or none"}
+    if not update:
+        lift = {k: "" for k in lift}
+    options = [
+        click.option("--models", default=None, metavar="PATTERNS",
+                     help=f"Comma-separated catalogue ids the key may call, * wildcards allowed "
+                          f'("deepseek-*,gpt-4o-mini"){lift["models"]}; default: every model.'),
+        click.option("--expires", default=None, metavar="WHEN",
+                     help=f"When the key stops working: an ISO date or date-time (in [limits] day_timezone unless "
+                          f"it has an offset), or a duration like 30d, 12h{lift['expires']}."),
+        click.option("--budget", default=None, metavar="AMOUNT",
+                     help=f"A spending cap in credits per --budget-period{lift['budget']}."),
+        click.option("--budget-period", default=None, type=click.Choice(budgets.PERIODS),
+                     help="The budget's calendar period, in [limits] day_timezone."),
+        click.option("--max-parallel", default=None, metavar="N",
+                     help=f"At most N requests of the key in flight at once{lift['parallel']}."),
+    ]
+
+    def decorate(fn):
+        for option in reversed(options):
+            fn = option(fn)
+        return fn
+
+    return decorate
+
+
+def _tz(cfg: dict, strict: bool = True) -> datetime.tzinfo:
+    """``[limits] day_timezone`` from the catalogue (budgets' periods, dates without an offset); UTC, when not
+    ``strict`` and the catalogue cannot be read."""
+    try:
+        return zoneinfo.ZoneInfo(load_catalog(cfg["BOUNDLESS_CONFIG"]).limits.day_timezone)
+    except ConfigurationError as err:
+        if not strict:
+            return datetime.timezone.utc
+        raise ConfigurationError(f"--expires and --budget need [limits] day_timezone from the catalogue, which "
+                                 f"cannot be read: {err}") from err
+
+
+def _policy(cfg: dict, models: str | None, expires: str | None, budget: str | None, budget_period: str | None,
+            max_parallel: str | None, update: bool) -> dict:
+    """The policy options as keys.create/update take them (only those given)."""
+    out: dict = {}
+    if models is not None:
+        out["models"] = policy.parse_models(models)
+        cat = _catalog(cfg)
+        missing = policy.unmatched(out["models"], cat.models) if cat else []
+        if missing:
+            click.echo(f"warning: --models {', '.join(missing)} matches no model of the catalogue now", err=True)
+    if expires is not None:
+        if not update and expires.strip().lower() == "never":
+            raise ConfigurationError("--expires never is for `keys update`; a new key without --expires never "
+                                     "expires")
+        out["expires_at"] = policy.parse_expiry(expires, _tz(cfg), datetime.datetime.now(datetime.timezone.utc))
+    if budget is not None:
+        out["budget"] = budgets.parse_budget(budget, allow_none=update)
+    if budget_period is not None:
+        out["budget_period"] = budget_period
+    if max_parallel is not None:
+        out["max_parallel"] = policy.parse_max_parallel(max_parallel, allow_none=update)
+    return out
+
+
 @keys.command("create")
 @click.option("--name", required=True, help="A unique name for the key.")
 @click.option("--rpm", default=None, metavar="N|none",
@@ -229,11 +296,16 @@ def keys() -> None:
 @click.option("--rpd", default=None, metavar="N|none",
               help="Requests per day: a positive number, or none for no limit (default: the catalogue's).")
 @click.option("--credit", type=str, default=None, help="Opening balance in credits for paid models.")
-def keys_create(name: str, rpm: str | None, rpd: str | None, credit: str | None) -> None:
+@_policy_options(update=False)
+def keys_create(name: str, rpm: str | None, rpd: str | None, credit: str | None, models: str | None,
+                expires: str | None, budget: str | None, budget_period: str | None, max_parallel: str | None) -> None:
     """Create a key and print it (shown this once only)."""
     limits = {opt: keyadmin.parse_limit(text, opt) for opt, text in (("rpm", rpm), ("rpd", rpd)) if text is not None}
+    if (budget is None) != (budget_period is None):
+        raise click.UsageError("--budget and --budget-period go together (e.g. --budget 10 --budget-period month)")
     cfg = _open_db()
-    key = keyadmin.create(name, credit=credit, **limits)
+    key = keyadmin.create(name, credit=credit, **limits,
+                          **_policy(cfg, models, expires, budget, budget_period, max_parallel, update=False))
     click.echo(key)
     click.echo(f"created key {name!r} in {redact(str(cfg['BOUNDLESS_DATABASE_URL']))}; store the key now, it "
                f"cannot be shown again", err=True)
@@ -254,19 +326,35 @@ def keys_list(as_json: bool) -> None:
     cfg = _open_db()
     cat = _catalog(cfg)
     d_rpm, d_rpd = (cat.limits.rpm, cat.limits.rpd) if cat else (None, None)
+    now = datetime.datetime.now(datetime.timezone.utc)
+    periods = budgets.periods(now, _tz(cfg, strict=False))
     rows = []
     for k in keyadmin.all_keys():
-        state = "revoked" if k.revoked else "disabled" if k.disabled else "active"
+        expired = k.expires_at is not None and k.expires_at <= now.replace(tzinfo=None)
+        state = "revoked" if k.revoked else "disabled" if k.disabled else "expired" if expired else "active"
         rows.append({"name": k.name, "prefix": k.prefix + "...", "rpm": _shown_limit(k.rpm, d_rpm),
                      "rpd": _shown_limit(k.rpd, d_rpd), "balance": str(to_credits(k.balance)),
-                     "spent": str(to_credits(k.spent)), "state": state})
+                     "spent": str(to_credits(k.spent)), "state": state,
+                     "models": list(policy.patterns(k.models) or ["*"]), "expires_at": policy.iso_utc(k.expires_at),
+                     "budget": None if k.budget is None else str(to_credits(k.budget)),
+                     "budget_period": k.budget_period,
+                     "budget_spent": None if k.budget is None else str(to_credits(budgets.spent_now(k, periods))),
+                     "max_parallel": k.max_parallel})
     if as_json:
         for r in rows:            # JSON: null for no limit
             r["rpm"], r["rpd"] = (None if r["rpm"] == "none" else r["rpm"]), (None if r["rpd"] == "none" else r["rpd"])
         click.echo(json.dumps(rows, indent=2))
         return
-    _table(["NAME", "PREFIX", "RPM", "RPD", "BALANCE", "SPENT", "STATE"],
-           [[r["name"], r["prefix"], r["rpm"], r["rpd"], r["balance"], r["spent"], r["state"]] for r in rows])
+    _table(["NAME", "PREFIX", "RPM", "RPD", "BALANCE", "SPENT", "STATE", "MODELS", "EXPIRES", "BUDGET", "PARALLEL"],
+           [[r["name"], r["prefix"], r["rpm"], r["rpd"], r["balance"], r["spent"], r["state"], ",".join(r["models"]),
+             r["expires_at"], _shown_budget(r), r["max_parallel"]] for r in rows])
+
+
+def _shown_budget(row: dict) -> str | None:
+    """``10/month (2.5 spent)``, or None (shown ``-``) without a budget."""
+    if row["budget"] is None:
+        return None
+    return f"{row['budget']}/{row['budget_period']} ({row['budget_spent']} spent)"
 
 
 @keys.command("revoke")
@@ -309,13 +397,20 @@ def keys_enable(name: str) -> None:
 @click.option("--rpd", default=None, metavar="N|none|default",
               help="New requests per day: a positive number, none (no limit) or default (the catalogue's).")
 @click.option("--credit", type=str, default=None, help="Set the balance to exactly this many credits.")
-def keys_update(name: str, rpm: str | None, rpd: str | None, credit: str | None) -> None:
-    """Change a key's limits or balance, without a restart."""
+@_policy_options(update=True)
+def keys_update(name: str, rpm: str | None, rpd: str | None, credit: str | None, models: str | None,
+                expires: str | None, budget: str | None, budget_period: str | None, max_parallel: str | None) -> None:
+    """Change a key's limits, policy or balance, without a restart."""
     changes = {opt: keyadmin.parse_limit(text, opt, default=True)
                for opt, text in (("rpm", rpm), ("rpd", rpd)) if text is not None}
-    if not changes and credit is None:
-        raise click.UsageError("nothing to change: give --rpm, --rpd or --credit")
-    _open_db()
+    given = [models, expires, budget, budget_period, max_parallel]
+    if not changes and credit is None and all(v is None for v in given):
+        raise click.UsageError("nothing to change: give --rpm, --rpd, --credit, --models, --expires, --budget, "
+                               "--budget-period or --max-parallel")
+    cfg = _open_db()
+    changes.update(_policy(cfg, *given, update=True))
+    if budget is not None or budget_period is not None:
+        changes["tz"] = _tz(cfg)
     keyadmin.update(name, credit=credit, **changes)
     click.echo(f"updated key {name!r}")
 

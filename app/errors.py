@@ -19,6 +19,7 @@ import re
 
 from flask import Flask
 from flask import Response
+from flask import g
 from flask import has_request_context
 from flask import json
 from flask import request
@@ -112,6 +113,19 @@ class WrongEndpoint(InvalidRequest):
     code = "wrong_model_kind"
 
 
+class BudgetExceeded(InsufficientCredits):
+    """The key's spending budget for its period (``keys ... --budget``) cannot cover the worst case. Retrying
+    helps only after ``Retry-After`` (the period's end) or with a smaller ``max_tokens``."""
+
+    code = "budget_exceeded"
+
+
+class ModelNotAllowed(GatewayError):
+    """The model is in the catalogue but not in the key's allow-list (``keys ... --models``). Use another model."""
+
+    status, type, code = 403, "permission_error", "model_not_allowed"
+
+
 class ModelNotFound(GatewayError):
     """The model is not in the catalogue."""
 
@@ -122,6 +136,12 @@ class RateLimited(GatewayError):
     """The key is over its per-minute or per-day limit; safe to retry after ``Retry-After`` seconds."""
 
     status, type, code = 429, "rate_limit_error", "rate_limit_exceeded"
+
+
+class TooManyParallel(RateLimited):
+    """The key already has its ``--max-parallel`` requests in flight. Retry when one of them has ended."""
+
+    code = "too_many_parallel_requests"
 
 
 class UpstreamError(GatewayError):
@@ -163,6 +183,8 @@ def anthropic_sse_error_event(err: GatewayError) -> bytes:
 
 
 def _handle_gateway_error(err: GatewayError) -> Response:
+    if has_request_context():
+        g.boundless_error_code = err.code      # the refusal's reason for the report (app/server/reporting.py)
     return err.response()
 
 

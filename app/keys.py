@@ -11,6 +11,7 @@ to reach every worker and every gateway sharing the database.
 """
 from __future__ import annotations
 
+import datetime
 import hashlib
 import secrets
 import threading
@@ -20,7 +21,9 @@ from decimal import Decimal
 
 from peewee import IntegrityError
 
+from .accounting import budget as budgets
 from .accounting.credits import to_micro
+from .policy import patterns
 from .errors import ConfigurationError
 from .store.models import ApiKey
 from .store.models import CreditEntry
@@ -53,6 +56,9 @@ class KeyInfo:
     rpm: int | None         # as stored: None = the catalogue's default, UNLIMITED = no limit (see effective_limit)
     rpd: int | None
     disabled: bool = False  # authenticated, but refused with 401 key_disabled until `boundless keys enable`
+    models: tuple[str, ...] | None = None        # allow-list patterns (app/policy.py); None = every model
+    expires_at: datetime.datetime | None = None  # naive UTC; 401 key_expired from then on
+    max_parallel: int | None = None              # requests in flight at once (app/limits/parallel.py)
 
 
 #: Stored in ``api_key.rpm``/``rpd`` for "no limit of this kind" (the CLI's ``none``); NULL is the catalogue's
@@ -81,11 +87,13 @@ class KeyCache:
         hit = self._items.get(h)
         if hit is not None and hit[0] > now:
             return hit[1]
-        row = (ApiKey.select(ApiKey.id, ApiKey.name, ApiKey.prefix, ApiKey.rpm, ApiKey.rpd, ApiKey.disabled)
+        row = (ApiKey.select(ApiKey.id, ApiKey.name, ApiKey.prefix, ApiKey.rpm, ApiKey.rpd, ApiKey.disabled,
+                             ApiKey.models, ApiKey.expires_at, ApiKey.max_parallel)
                .where((ApiKey.key_hash == h) & (ApiKey.revoked == False))   # noqa: E712 (SQL, not Python)
                .tuples()
                .first())
-        info = KeyInfo(*row[:5], disabled=bool(row[5])) if row else None
+        info = KeyInfo(*row[:5], disabled=bool(row[5]), models=patterns(row[6]), expires_at=row[7],
+                       max_parallel=row[8]) if row else None
         if self.ttl > 0:
             with self._lock:
                 if len(self._items) > 10_000:
@@ -131,18 +139,28 @@ def _limit(value: int | None, name: str) -> int | None:
     return value
 
 
-def create(name: str, rpm: int | None = None, rpd: int | None = None, credit: Decimal | str | None = None) -> str:
-    """Create a key and return it; the only time the full key exists outside the caller's hands."""
+def create(name: str, rpm: int | None = None, rpd: int | None = None, credit: Decimal | str | None = None, *,
+           models: str | None = None, expires_at: datetime.datetime | None = None, budget: int | None = None,
+           budget_period: str | None = None, max_parallel: int | None = None) -> str:
+    """Create a key and return it; the only time the full key exists outside the caller's hands.
+
+    The policy (app/policy.py's parsers give these): ``models`` the stored allow-list (None: every model),
+    ``expires_at`` naive UTC, ``budget`` micro-credits per ``budget_period``, ``max_parallel``.
+    """
     if not name or len(name) > 100:
         raise ConfigurationError("a key name must be 1 to 100 characters")
     opening = to_micro(credit) if credit is not None else 0
     if opening < 0:
         raise ConfigurationError("--credit must not be negative")
+    if (budget is None) != (budget_period is None):
+        raise ConfigurationError("--budget and --budget-period go together (e.g. --budget 10 --budget-period month)")
     key = mint()
     try:
         with db.atomic():
             row = ApiKey.create(name=name, key_hash=digest(key), prefix=key[:PREFIX_LEN],
-                                rpm=_limit(rpm, "rpm"), rpd=_limit(rpd, "rpd"), balance=opening)
+                                rpm=_limit(rpm, "rpm"), rpd=_limit(rpd, "rpd"), balance=opening, models=models,
+                                expires_at=expires_at, budget=budget, budget_period=budget_period,
+                                max_parallel=max_parallel)
             CreditEntry.create(key=row, amount=opening, kind="open")
     except IntegrityError as err:
         raise ConfigurationError(f"a key named {name!r} already exists") from err
@@ -179,16 +197,28 @@ def set_disabled(name: str, disabled: bool) -> bool:
 _UNSET = object()
 
 
-def update(name: str, rpm=_UNSET, rpd=_UNSET, credit: Decimal | str | None = None) -> None:
-    """Change a key's limits (None = back to the catalogue default, UNLIMITED = none) and/or set its balance
-    exactly."""
+def update(name: str, rpm=_UNSET, rpd=_UNSET, credit: Decimal | str | None = None, *, models=_UNSET,
+           expires_at=_UNSET, budget=_UNSET, budget_period=_UNSET, max_parallel=_UNSET,
+           tz: datetime.tzinfo = datetime.timezone.utc) -> None:
+    """Change a key's limits (None = back to the catalogue default, UNLIMITED = none), its policy (None = no
+    restriction of that kind) and/or set its balance exactly.
+
+    Setting a budget, or changing its period, counts the new period's spending so far from the ledger
+    (:func:`app.accounting.budget.recount`, periods in ``tz``); changing only the amount keeps the count.
+    """
     row = get(name)
     fields = {}
     if rpm is not _UNSET:
         fields[ApiKey.rpm] = _limit(rpm, "rpm")
     if rpd is not _UNSET:
         fields[ApiKey.rpd] = _limit(rpd, "rpd")
+    for column, value in ((ApiKey.models, models), (ApiKey.expires_at, expires_at),
+                          (ApiKey.max_parallel, max_parallel)):
+        if value is not _UNSET:
+            fields[column] = value
     with db.atomic():
+        if budget is not _UNSET or budget_period is not _UNSET:
+            fields.update(_budget_fields(row, budget, budget_period, tz))
         if fields:
             ApiKey.update(fields).where(ApiKey.id == row.id).execute()
         if credit is not None:
@@ -196,6 +226,27 @@ def update(name: str, rpm=_UNSET, rpd=_UNSET, credit: Decimal | str | None = Non
             if target < 0:
                 raise ConfigurationError("--credit must not be negative")
             _set_balance(row.id, target)
+
+
+def _budget_fields(row: ApiKey, amount, period, tz: datetime.tzinfo) -> dict:
+    """The budget columns for a change of amount and/or period (in the caller's transaction)."""
+    if amount is None:                                  # --budget none: no cap, nothing counted
+        return {ApiKey.budget: None, ApiKey.budget_period: None, ApiKey.budget_spent: 0,
+                ApiKey.budget_period_start: None}
+    budgets.lock_row(row.id)                            # reservations and settlements wait: the count stays exact
+    current = ApiKey.get_by_id(row.id)
+    kind = current.budget_period if period is _UNSET else period
+    if kind is None:
+        raise ConfigurationError(f"the key {row.name!r} has no budget: give --budget-period with --budget")
+    if amount is _UNSET and current.budget is None:
+        raise ConfigurationError(f"the key {row.name!r} has no budget: give --budget with --budget-period")
+    fields = {ApiKey.budget_period: kind}
+    if amount is not _UNSET:
+        fields[ApiKey.budget] = amount
+    if current.budget is None or kind != current.budget_period:    # a new count: what the period spent so far
+        spent, start = budgets.recount(row.id, kind, datetime.datetime.now(datetime.timezone.utc), tz)
+        fields.update({ApiKey.budget_spent: spent, ApiKey.budget_period_start: start})
+    return fields
 
 
 def _set_balance(key_id: int, target: int) -> None:

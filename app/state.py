@@ -7,6 +7,7 @@ What one gateway app holds for the life of the process, built once by ``create_a
 """
 from __future__ import annotations
 
+import datetime
 from dataclasses import dataclass
 from dataclasses import field
 from typing import Callable
@@ -16,6 +17,7 @@ from flask import current_app
 from .catalog import Catalog
 from .keys import KeyCache
 from .keys import effective_limit
+from .limits.parallel import ParallelSlots
 from .limits.ratelimit import RateLimiter
 from .upstream.streams import OpenStreams
 from .upstream.client import UpstreamClient
@@ -30,6 +32,17 @@ class State:
     streams: OpenStreams = field(default_factory=OpenStreams)
     #: Called once per finished chat request with (lease, outcome): logs and metrics hook in here.
     finish_hooks: list[Callable] = field(default_factory=list)
+    #: The keys' parallel slots (``--max-parallel``), on the limiter's storage.
+    parallel: ParallelSlots | None = None
+
+    def __post_init__(self) -> None:
+        if self.parallel is None:
+            self.parallel = ParallelSlots(self.limiter)
+
+    @property
+    def budget_tz(self) -> datetime.tzinfo:
+        """``[limits] day_timezone``: where the budgets' calendar periods begin (as the daily window's)."""
+        return self.limiter.tz
 
     def finish(self, lease, outcome) -> None:
         for hook in self.finish_hooks:

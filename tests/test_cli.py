@@ -25,6 +25,7 @@ from app.accounting.credits import to_credits
 from app.store.models import ApiKey
 from app.store.models import CreditEntry
 from app.store.models import Refusal
+from app.store.models import SCHEMA_VERSION
 from app.store.models import Usage
 from app.store.models import db
 from app.store.models import make_database
@@ -126,13 +127,16 @@ def test_create_prints_the_key_once_stores_only_its_hash_and_lists_balances(cli,
         assert key not in out and key[8:] not in out and other[8:] not in out
         assert key[:8] + "..." in out                 # the display prefix only
     rows = table(listing.stdout)
-    assert rows[0] == ["NAME", "PREFIX", "RPM", "RPD", "BALANCE", "SPENT", "STATE"]
+    assert rows[0] == ["NAME", "PREFIX", "RPM", "RPD", "BALANCE", "SPENT", "STATE", "MODELS", "EXPIRES", "BUDGET",
+                       "PARALLEL"]
     by_name = {r[0]: r for r in rows[1:]}
-    assert by_name["alice"][2:] == ["3", "9", "12.5", "0", "active"]
-    assert by_name["bob"][2:] == ["20", "50", "0", "0", "active"]        # the catalogue's defaults
+    assert by_name["alice"][2:] == ["3", "9", "12.5", "0", "active", "*", "-", "-", "-"]   # no policy: no restriction
+    assert by_name["bob"][2:] == ["20", "50", "0", "0", "active", "*", "-", "-", "-"]      # the catalogue's defaults
     listed = {r["name"]: r for r in json.loads(listing_json.stdout)}
     assert listed["alice"] == {"name": "alice", "prefix": key[:8] + "...", "rpm": 3, "rpd": 9,
-                               "balance": "12.5", "spent": "0", "state": "active"}
+                               "balance": "12.5", "spent": "0", "state": "active", "models": ["*"],
+                               "expires_at": None, "budget": None, "budget_period": None, "budget_spent": None,
+                               "max_parallel": None}
 
     with cli.db():
         row = ApiKey.get(ApiKey.name == "alice")
@@ -492,5 +496,5 @@ def test_usage_counts_refusals_by_reason(cli):
 
 def test_db_messages_speak_in_the_singular_for_one(tmp_path):
     cli = Cli(tmp_path)
-    assert cli("db", "upgrade").stdout == "upgraded the schema to version 3 (step 3)\n"
+    assert cli("db", "upgrade").stdout == f"upgraded the schema to version {SCHEMA_VERSION} (step {SCHEMA_VERSION})\n"
     assert cli("db", "recover").stdout == ""           # quiet when nothing was left held

@@ -21,6 +21,7 @@ Free models reserve nothing and write their ledger row when they settle. No Flas
 """
 from __future__ import annotations
 
+import datetime
 import json
 import logging
 import math
@@ -31,15 +32,20 @@ from collections import deque
 from dataclasses import dataclass
 from dataclasses import field
 
+from peewee import Case
 from peewee import PeeweeException
 
 from ..catalog import Model
+from . import budget
 from .credits import as_number
 from .credits import cost
 from .credits import to_credits
+from ..errors import BudgetExceeded
 from ..errors import InsufficientCredits
 from ..errors import ServiceUnavailable
+from .ledger_sql import give_back_args
 from .ledger_sql import statements
+from .ledger_sql import take_args
 from ..store.models import ApiKey
 from ..store.models import Usage
 from ..store.models import db
@@ -185,6 +191,8 @@ class Lease:
     settled: bool = False
     #: Who asked, for logs and metrics (key name and prefix, method, path, remote address).
     context: dict = field(default_factory=dict)
+    #: The ledger row's ``created_at`` (naive UTC): whether the settlement moves the key's budget period.
+    created_at: datetime.datetime | None = None
 
 
 @dataclass
@@ -203,13 +211,14 @@ class Outcome:
 
 
 def reserve(key_id: int, model: Model, body: dict, raw_body: bytes, stream: bool, request_id: str,
-            bounds: Bounds | None = None) -> Lease:
-    """Hold the worst-case cost of a request on the key's balance.
+            bounds: Bounds | None = None, *, tz: datetime.tzinfo = datetime.timezone.utc) -> Lease:
+    """Hold the worst-case cost of a request on the key's balance, and on its budget if it has one.
 
     :param bounds: the worst case in tokens, for APIs other than chat (``app.accounting.usage``); None: a chat
         body's, from :func:`prompt_upper_bound` and :func:`max_completion_tokens`.
-
+    :param tz: ``[limits] day_timezone``, where the budget's calendar periods begin (``state().budget_tz``).
     :raise InsufficientCredits: the balance does not cover the worst case; nothing was changed.
+    :raise BudgetExceeded: the key's budget for this period does not; nothing was changed.
     :raise ServiceUnavailable: the database is unreachable.
     """
     lease = Lease(request_id=request_id, key_id=key_id, model=model, stream=stream, prompt_bytes=len(raw_body))
@@ -221,13 +230,16 @@ def reserve(key_id: int, model: Model, body: dict, raw_body: bytes, stream: bool
         prompt = prompt_upper_bound(body)
         completion = max_completion_tokens(body, model)
         worst = cost(prompt, completion, model.input_price, model.output_price)
+    now = datetime.datetime.now(datetime.timezone.utc)      # one instant for the row and the budget's period
     if worst > _MAX_RESERVATION:         # no balance can hold it, and the database could not even store it
-        return _refuse(key_id, prompt, completion, worst, model, body, bounds)
+        return _refuse(key_id, prompt, completion, worst, model, body, bounds, now, tz)
     sql = statements(db)
-    hold = (request_id, key_id, model.id, utcnow(), "held", stream, worst, 0, 0, 0, False, "", OWNER.get())
+    lease.created_at = created = now.replace(tzinfo=None)
+    hold = (request_id, key_id, model.id, created, "held", stream, worst, 0, 0, 0, False, "", OWNER.get())
+    take = take_args(worst, key_id, budget.periods(now, tz)) if worst else ()
 
     def take_and_hold(execute) -> int:
-        taken = execute(sql.take, (worst, key_id, worst)).rowcount if worst else 1
+        taken = execute(sql.take, take).rowcount if worst else 1
         if taken == 1:          # the row exists from now on, so even a crashed worker leaves a trace
             execute(sql.hold, hold)
         return taken
@@ -237,20 +249,37 @@ def reserve(key_id: int, model: Model, body: dict, raw_body: bytes, stream: bool
     except PeeweeException as err:
         raise ServiceUnavailable("The credit database is unavailable; try again shortly.") from err
     if taken != 1:
-        return _refuse(key_id, prompt, completion, worst, model, body, bounds)
+        return _refuse(key_id, prompt, completion, worst, model, body, bounds, now, tz)
     lease.reserved = worst
     return lease
 
 
 def _refuse(key_id: int, prompt: int, completion: int, worst: int, model: Model, body: dict,
-            bounds: Bounds | None = None):
-    """:raise InsufficientCredits: always, with the balance and the largest limit it covers."""
+            bounds: Bounds | None, now: datetime.datetime, tz: datetime.tzinfo):
+    """:raise InsufficientCredits: with the balance and the largest limit it covers, or
+    :raise BudgetExceeded: when the balance covers it but the key's budget for the period does not."""
     try:
-        balance = ApiKey.select(ApiKey.balance).where(ApiKey.id == key_id).scalar() or 0
+        row = ApiKey.get_or_none(ApiKey.id == key_id)
     except PeeweeException as err:
         raise ServiceUnavailable("The credit database is unavailable; try again shortly.") from err
+    balance = row.balance if row is not None else 0
     field = bounds.limit_field if bounds is not None else "max_tokens"
+    if row is not None and row.budget is not None and balance >= worst:
+        raise _over_budget(row, worst, model, now, tz, field)
     raise InsufficientCredits(_refusal(balance, prompt, completion, worst, model, body, field), param=field)
+
+
+def _over_budget(row: ApiKey, worst: int, model: Model, now: datetime.datetime, tz: datetime.tzinfo,
+                 field: str | None = "max_tokens") -> BudgetExceeded:
+    spent = budget.spent_now(row, budget.periods(now, tz))
+    end = budget.period_end(row.budget_period, now, tz)
+    retry = max(1, math.ceil((end - now).total_seconds()))
+    fewer = f"ask for fewer {field}, or " if field else ""
+    return BudgetExceeded(
+        f"Budget exceeded: this request to {model.id} may cost up to {to_credits(worst)} credits, and this key has "
+        f"spent {to_credits(spent)} of its budget of {to_credits(row.budget)} credits this {row.budget_period}. "
+        f"The budget resets at {end.isoformat()} (Retry-After: {retry}); {fewer}ask the "
+        f"gateway's operator for a larger budget.", param=field, headers={"Retry-After": str(retry)})
 
 
 def _refusal(balance: int, prompt: int, completion: int, worst: int, model: Model, body: dict,
@@ -317,7 +346,8 @@ def settle(lease: Lease, result: Outcome) -> int:
             final = reserved + extra
             execute(sql.set_charge, (final, request_id))
         if touches_key:
-            execute(sql.give_back, (reserved - min(final, reserved), final, key_id))
+            execute(sql.give_back, give_back_args(reserved - min(final, reserved), final, reserved,
+                                                  lease.created_at, key_id))
         return final
 
     final = run_write(settle_rows, own_connection=True)
@@ -405,20 +435,27 @@ def settle_lost(owners: list[str]) -> int:
     # Read every row before the first write. A query still being iterated keeps its read snapshot open, and on
     # SQLite in WAL mode a connection whose snapshot is older than another process's commit cannot start a write
     # transaction ("database is locked", whatever the busy timeout): the workers commit all the time.
-    rows = list(Usage.select(Usage.id, Usage.key, Usage.reserved).where(
+    rows = list(Usage.select(Usage.id, Usage.key, Usage.reserved, Usage.created_at).where(
         (Usage.state == "held") & (Usage.owner.in_(owners))).tuples())
     n = 0
-    for usage_id, key_id, reserved in rows:
+    for usage_id, key_id, reserved, created_at in rows:
         with db.atomic():
             if reserved:
                 _lock_key(db.execute_sql, key_id)
             if Usage.update(state="settled", charge=0, estimated=True, outcome="worker_lost").where(
                     (Usage.id == usage_id) & (Usage.state == "held")).execute() == 1:
-                ApiKey.update(balance=ApiKey.balance + reserved).where(ApiKey.id == key_id).execute()
+                # The reservation leaves the budget's count too, if the row was made in the period it counts.
+                in_period = ApiKey.budget_period_start <= created_at
+                ApiKey.update(balance=ApiKey.balance + reserved,
+                              budget_spent=Case(None, [(in_period, ApiKey.budget_spent - reserved)],
+                                                ApiKey.budget_spent)).where(ApiKey.id == key_id).execute()
                 n += 1
     return n
 
 
-def key_summary(key_id: int) -> dict:
+def key_summary(key_id: int, tz: datetime.tzinfo = datetime.timezone.utc) -> dict:
+    """Name, balance, spent, and the budget's fields (``budget``, ``budget_period``, ``budget_spent``,
+    ``budget_resets_at``: null without a budget) of a key, read now (never cached)."""
     row = ApiKey.get_by_id(key_id)
-    return {"name": row.name, "balance": as_number(row.balance), "spent": as_number(row.spent)}
+    return {"name": row.name, "balance": as_number(row.balance), "spent": as_number(row.spent),
+            **budget.summary(row, datetime.datetime.now(datetime.timezone.utc), tz)}

@@ -30,8 +30,17 @@ class Statements:
             return f"{open_q}{name}{close_q}"
 
         key, usage = q("api_key"), q("usage")
-        self.take = (f"UPDATE {key} SET {q('balance')} = {q('balance')} - {p} "
-                     f"WHERE {q('id')} = {p} AND {q('balance')} >= {p}")
+        # The balance and the key's budget (app/accounting/budget.py) in one conditional UPDATE. ``start`` is the
+        # start of the key's current period, picked by its budget_period from the three passed in. MySQL runs
+        # a SET list left to right with the new values, so budget_spent is set before budget_period_start.
+        budget, spent, start_col = q("budget"), q("budget_spent"), q("budget_period_start")
+        start = f"(CASE {q('budget_period')} WHEN 'day' THEN {p} WHEN 'week' THEN {p} ELSE {p} END)"
+        self.take = (f"UPDATE {key} SET {q('balance')} = {q('balance')} - {p}, "
+                     f"{spent} = CASE WHEN {budget} IS NULL THEN {spent} "
+                     f"WHEN {start_col} = {start} THEN {spent} + {p} ELSE {p} END, "
+                     f"{start_col} = CASE WHEN {budget} IS NULL THEN {start_col} ELSE {start} END "
+                     f"WHERE {q('id')} = {p} AND {q('balance')} >= {p} AND ({budget} IS NULL OR "
+                     f"(CASE WHEN {start_col} = {start} THEN {spent} ELSE 0 END) + {p} <= {budget})")
         hold_columns = ("request_id", "key_id", "model", "created_at", "state", "stream", "reserved", "charge",
                         "prompt_tokens", "completion_tokens", "estimated", "outcome", "owner")
         self.hold = (f"INSERT INTO {usage} ({', '.join(q(c) for c in hold_columns)}) "
@@ -40,14 +49,28 @@ class Statements:
                           "outcome", "latency_ms", "ttfb_ms")
         self.settle_row = (f"UPDATE {usage} SET {', '.join(f'{q(c)} = {p}' for c in settle_columns)} "
                            f"WHERE {q('request_id')} = {p} AND {q('state')} = {p}")
+        # The period's spending moves by (charge - reserved) only for a row made in the period it counts.
         self.give_back = (f"UPDATE {key} SET {q('balance')} = {q('balance')} + {p}, "
-                          f"{q('spent')} = {q('spent')} + {p} WHERE {q('id')} = {p}")
+                          f"{q('spent')} = {q('spent')} + {p}, "
+                          f"{spent} = CASE WHEN {start_col} <= {p} THEN {spent} + {p} - {p} ELSE {spent} END "
+                          f"WHERE {q('id')} = {p}")
         self.lock_key = (f"SELECT {q('id')} FROM {key} WHERE {q('id')} = {p} FOR UPDATE"
                          if database.for_update else None)
         self.balance = (f"SELECT {q('balance')} FROM {key} WHERE {q('id')} = {p}"
                         + (" FOR UPDATE" if database.for_update else ""))
         self.take_up_to = f"UPDATE {key} SET {q('balance')} = {q('balance')} - {p} WHERE {q('id')} = {p}"
         self.set_charge = f"UPDATE {usage} SET {q('charge')} = {p} WHERE {q('request_id')} = {p}"
+
+
+def take_args(worst: int, key_id: int, periods) -> tuple:
+    """The parameters of :attr:`Statements.take`, in their order in its text (``periods``: budget.Periods)."""
+    starts = (periods.day, periods.week, periods.month)
+    return (worst, *starts, worst, worst, *starts, key_id, worst, *starts, worst)
+
+
+def give_back_args(returned: int, charge: int, reserved: int, created_at, key_id: int) -> tuple:
+    """The parameters of :attr:`Statements.give_back`: ``created_at`` is the ledger row's (None: no budget move)."""
+    return (returned, charge, created_at, charge, reserved, key_id)
 
 
 def statements(database: Database) -> Statements:

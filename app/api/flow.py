@@ -14,6 +14,7 @@ from flask import Response
 from flask import g
 from flask import request
 
+from .. import policy
 from ..accounting import billing
 from ..accounting.billing import MAX_TOKENS
 from ..accounting.billing import Bounds
@@ -24,6 +25,7 @@ from ..jsonio import MAX_DEPTH
 from ..jsonio import TooDeep
 from ..jsonio import loads
 from ..keys import KeyInfo
+from ..server import inflight
 from ..state import state
 from ..upstream import guard
 from ..upstream import proxy
@@ -80,10 +82,9 @@ def resolve(key: KeyInfo, model_id: str, api: Api) -> Model:
     if model is None:
         raise ModelNotFound(f"The model '{model_id}' does not exist or you do not have access to it.",
                             param="model")
-    # Per-key policy (issue 16, the key's model allow-list) belongs here, right after the catalogue: one check
-    # for every endpoint, refusing with ModelNotFound so that a model the key may not use looks unknown.
     g.boundless_model = model                  # for the log line and metrics of a refused request
     api.check(model, _endpoint())
+    policy.check_model(key, model)             # 403 model_not_allowed: before the limiter, so it costs no hit
     return model
 
 
@@ -101,10 +102,11 @@ def relay(api: Api, key: KeyInfo, model: Model, body: dict, raw: bytes, stream: 
     :param bounds: the worst case to reserve; None: a chat body's.
     """
     gw = state()
+    inflight.occupy(key)                       # 429 too_many_parallel_requests; freed when the response ends
     g._boundless_rate = decision = gw.limiter.hit(key.id, *gw.limits_for(key))
     if decision.refused:
         raise decision.error()
-    lease = billing.reserve(key.id, model, body, raw, stream, g.request_id, bounds)
+    lease = billing.reserve(key.id, model, body, raw, stream, g.request_id, bounds, tz=gw.budget_tz)
     with guard.settled_on_crash(lease, started, gw.finish):  # a bug of ours never leaves the credit held
         lease.context = {"key_name": key.name, "key_prefix": key.prefix, "method": request.method,
                          "path": request.path, "remote_addr": request.remote_addr}

@@ -10,6 +10,8 @@ from __future__ import annotations
 from flask import Response
 from flask import jsonify
 
+from .. import policy
+from ..auth import authenticate
 from ..errors import ModelNotFound
 from ..state import state
 from . import bp
@@ -19,8 +21,7 @@ from . import bp
 def retrieve_model(model_id: str) -> Response:
     """The model, or 404 ``model_not_found`` in OpenAI's shape."""
     model = state().catalog.resolve(model_id)
-    # Per-key policy (issue 16, the key's model allow-list): a model the key may not use is a 404 here too.
-    if model is None:
+    if model is None or not policy.allows(authenticate(), model.id):    # a model the key may not use: a 404 too
         raise ModelNotFound(f"The model '{model_id}' does not exist or you do not have access to it.",
                             param="model")
     return jsonify({"id": model.id, "object": "model", "created": 0, "owned_by": model.owned_by})

@@ -12,6 +12,7 @@ from flask import Response
 from flask import g
 from flask import jsonify
 
+from .. import policy
 from ..accounting import billing
 from ..upstream.apis import CHAT
 from ..auth import authenticate
@@ -23,24 +24,26 @@ from . import flow
 
 @bp.get("/models")
 def list_models() -> Response:
-    """The catalogue, in OpenAI's list shape."""
+    """The catalogue models the key may call, in OpenAI's list shape."""
+    key = authenticate()
     data = [{"id": m.id, "object": "model", "created": 0, "owned_by": m.owned_by}
-            for m in state().catalog.models.values()]
+            for m in state().catalog.models.values() if policy.allows(key, m.id)]
     return jsonify({"object": "list", "data": data})
 
 
 @bp.get("/key")
 def key_info() -> Response:
-    """The calling key's balance, spending and limits (not rate-counted)."""
+    """The calling key's balance, spending, limits and policy (not rate-counted)."""
     key = authenticate()
     decision = g._boundless_rate
-    return jsonify({"data": {**billing.key_summary(key.id), "rpm": decision.rpm, "rpd": decision.rpd,
-                             "remaining_rpm": decision.remaining_rpm, "remaining_rpd": decision.remaining_rpd}})
+    return jsonify({"data": {**billing.key_summary(key.id, state().budget_tz), "rpm": decision.rpm,
+                             "rpd": decision.rpd, "remaining_rpm": decision.remaining_rpm,
+                             "remaining_rpd": decision.remaining_rpd, **policy.describe(key, key.max_parallel)}})
 
 
 @bp.post("/chat/completions")
 def chat_completions() -> Response:
-    """auth (before_request) → validate → resolve → limit → reserve → upstream → relay → settle."""
+    """auth (before_request) → validate → resolve → policy → limit → reserve → upstream → relay → settle."""
     started = time.perf_counter()
     key = authenticate()
     raw, body = parse_chat_body()

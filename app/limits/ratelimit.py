@@ -169,6 +169,15 @@ class RateLimiter:
         else:                  # sqlite (clamped at 0) and redis (INCRBY -1 on an existing key)
             self.storage.incr(key, math.ceil(expiry), -1)
 
+    def count_up(self, key: str, expiry: float) -> int:
+        """One atomic increment of any counter on this storage (``expiry`` seconds if it is new); the new count.
+        For the other per-key counters (app/limits/parallel.py); storage errors are the caller's to translate."""
+        return self._incr(key, expiry)
+
+    def count_down(self, key: str, expiry: float) -> None:
+        """Take one back from a counter that exists (see :meth:`_give_back`)."""
+        self._give_back(key, expiry)
+
     def hit(self, key_id: int, rpm: int | None, rpd: int | None) -> Decision:
         """Count one request; return the decision (``refused`` set, and nothing counted, when over a limit).
 

@@ -26,11 +26,16 @@ from .reporting import Report
 REASONS = {400: "invalid_request", 401: "key_disabled", 402: "insufficient_quota", 404: "model_not_found",
            413: "request_too_large"}
 
+#: The per-key policy's refusals, recorded under their error codes.
+POLICY_REASONS = frozenset({"key_expired", "model_not_allowed", "budget_exceeded", "too_many_parallel_requests"})
+
 
 def reason_of(report: Report) -> str | None:
     """Why a known key's request was refused, or None when it was not a refusal (or the key is unknown)."""
     if report.key_id is None or report.outcome is not None:      # no key, or it reached the provider
         return None
+    if report.code in POLICY_REASONS:
+        return report.code
     if report.status == 429:
         return "rate_limited" if report.refused in ("minute", "day") else None
     return REASONS.get(report.status)

@@ -70,6 +70,7 @@ class Report:
     ttfb_ms: float | None = None
     outcome: str | None = None
     refused: str | None = None             # "minute" | "day" (429 of our limits) | "credit" (402)
+    code: str | None = None                # the error's code, for a request refused before the upstream
 
 
 Subscriber = Callable[[Report], None]
@@ -161,7 +162,7 @@ def from_request(status: int) -> Report:
         key_name=getattr(key, "name", None), key_prefix=getattr(key, "prefix", None), key_id=getattr(key, "id", None),
         model=getattr(model, "id", None), provider=getattr(getattr(model, "provider", None), "name", None),
         stream=lease.stream if lease is not None else None,
-        latency_ms=_elapsed_ms(), refused=refused)
+        latency_ms=_elapsed_ms(), refused=refused, code=g.get("boundless_error_code"))
 
 
 def from_finish(lease: Lease, outcome: Outcome, status: int) -> Report:

@@ -39,7 +39,7 @@ from .sqlite_busy import begin_immediate
 from .sqlite_writer import WRITER
 
 #: Version of the schema this code runs on; app/store/schema.py has the steps from each earlier version.
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 db = DatabaseProxy()
 T = TypeVar("T")
@@ -176,6 +176,14 @@ class ApiKey(BaseModel):
     created_at = DateTimeField(default=utcnow)
     revoked_at = DateTimeField(null=True)
     disabled = BooleanField(default=False)  # 401 key_disabled until enabled again; unlike revoked, undone (v3)
+    # Per-key policy (v4, app/policy.py and app/accounting/budget.py):
+    models = CharField(max_length=1000, null=True)   # comma-separated allow-list (`*` wildcards); NULL = every model
+    expires_at = DateTimeField(null=True)            # UTC; from then on 401 key_expired; NULL = never
+    budget = BigIntegerField(null=True)              # micro-credits per budget_period; NULL = no cap
+    budget_period = CharField(max_length=5, null=True)   # day | week | month (calendar, in [limits] day_timezone)
+    budget_spent = BigIntegerField(default=0)        # charged + held in the period starting at budget_period_start
+    budget_period_start = DateTimeField(null=True)   # UTC start of the period budget_spent counts
+    max_parallel = IntegerField(null=True)           # requests in flight at once; NULL = no cap
 
     class Meta:
         table_name = "api_key"

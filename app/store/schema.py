@@ -62,8 +62,24 @@ def _v3_zero_limits_to_disabled(database: Database) -> None:
         ApiKey.update(rpd=None).where(ApiKey.rpd == 0).execute()
 
 
+def _v4_key_policy(migrator: SchemaMigrator) -> list:
+    """v4: per-key policy: allowed models, expiry, a spending budget per calendar period, parallel requests.
+
+    Every new column is NULL (no restriction) or 0 on existing keys, so no key can do less than before. Plain
+    ALTER TABLEs, as in v3 (playhouse would rebuild api_key on SQLite and cascade away its ledger).
+    """
+    database = migrator.database
+    timestamp = "TIMESTAMP" if isinstance(database, PostgresqlDatabase) else "DATETIME"
+    columns = ("models VARCHAR(1000)", f"expires_at {timestamp}", "budget BIGINT", "budget_period VARCHAR(5)",
+               "budget_spent BIGINT NOT NULL DEFAULT 0", f"budget_period_start {timestamp}",
+               "max_parallel INTEGER")
+    return [lambda column=column: database.execute_sql(f"ALTER TABLE api_key ADD COLUMN {column}")
+            for column in columns]
+
+
 #: version reached -> step that takes the schema from version-1 to it.
-STEPS: dict[int, Callable[[SchemaMigrator], list]] = {2: _v2_owner_and_heartbeat, 3: _v3_disabled_unlimited_refusals}
+STEPS: dict[int, Callable[[SchemaMigrator], list]] = {2: _v2_owner_and_heartbeat, 3: _v3_disabled_unlimited_refusals,
+                                                      4: _v4_key_policy}
 
 
 def current_version(database: Database = db) -> int | None:

@@ -1,6 +1,7 @@
 """app.accounting.ledger_sql: each database gets the statements of its own dialect."""
 from __future__ import annotations
 
+import datetime
 import gc
 
 from peewee import DatabaseProxy
@@ -8,14 +9,22 @@ from peewee import MySQLDatabase
 from peewee import PostgresqlDatabase
 from peewee import SqliteDatabase
 
+from app.accounting import budget
+from app.accounting.ledger_sql import give_back_args
 from app.accounting.ledger_sql import statements
+from app.accounting.ledger_sql import take_args
 
 
 def test_each_dialect_its_own_quotes_and_parameters():
     lite, pg, my = SqliteDatabase(":memory:"), PostgresqlDatabase("x"), MySQLDatabase("x")
-    assert statements(lite).take == 'UPDATE "api_key" SET "balance" = "balance" - ? WHERE "id" = ? AND "balance" >= ?'
-    assert statements(pg).take == 'UPDATE "api_key" SET "balance" = "balance" - %s WHERE "id" = %s AND "balance" >= %s'
-    assert statements(my).take == "UPDATE `api_key` SET `balance` = `balance` - %s WHERE `id` = %s AND `balance` >= %s"
+    take = statements(lite).take
+    assert take.startswith('UPDATE "api_key" SET "balance" = "balance" - ?, "budget_spent" = CASE')
+    assert 'WHERE "id" = ? AND "balance" >= ? AND ("budget" IS NULL OR' in take     # the key's budget (v4) too
+    assert statements(pg).take == take.replace("?", "%s")
+    assert statements(my).take == take.replace("?", "%s").replace('"', "`")
+    assert take.count("?") == len(take_args(1, 1, budget.periods(datetime.datetime.now(datetime.timezone.utc),
+                                                                  datetime.timezone.utc)))
+    assert statements(lite).give_back.count("?") == len(give_back_args(0, 0, 0, None, 1))
     assert statements(lite).lock_key is None and statements(pg).lock_key.endswith("FOR UPDATE")
     assert statements(lite) is statements(lite)          # built once per database
 

@@ -581,12 +581,16 @@ def test_key_endpoint_exact_and_not_counted(gw):
         assert resp.status_code == 200 and resp.headers["X-Request-Id"].startswith("req_")
         body = resp.json()
         assert set(body) == {"data"}
-        assert set(body["data"]) == {"name", "balance", "spent", "rpm", "rpd", "remaining_rpm", "remaining_rpd"}
+        assert set(body["data"]) == {"name", "balance", "spent", "rpm", "rpd", "remaining_rpm", "remaining_rpd",
+                                     "budget", "budget_period", "budget_spent", "budget_resets_at",   # per-key
+                                     "models", "expires_at", "max_parallel"}                        # policy
         return body["data"]
 
     first = info()
     assert first == {"name": name, "balance": 1.234567, "spent": 0, "rpm": 5, "rpd": 7,
-                     "remaining_rpm": 5, "remaining_rpd": 7}
+                     "remaining_rpm": 5, "remaining_rpd": 7, "budget": None, "budget_period": None,
+                     "budget_spent": None, "budget_resets_at": None, "models": ["*"], "expires_at": None,
+                     "max_parallel": None}
     assert info() == first                            # reading is not a request against the limits
 
     resp = post(gw, key, chat_body("what do I have left", max_tokens=20), http=http)

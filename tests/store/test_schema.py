@@ -123,7 +123,7 @@ def test_upgrade_from_the_first_released_schema(gateway_factory, database, tmp_p
     with pytest.raises(RuntimeError, match="boundless db upgrade"):
         gw.start()
 
-    assert gw.cli("db", "upgrade").stdout == "upgraded the schema to version 3 (steps 2, 3)\n"
+    assert gw.cli("db", "upgrade").stdout == "upgraded the schema to version 4 (steps 2, 3, 4)\n"
     assert "already current" in gw.cli("db", "upgrade").stdout
 
     gw = gateway_factory(database_url=database.url)
@@ -144,6 +144,16 @@ def test_upgrade_from_the_first_released_schema(gateway_factory, database, tmp_p
     assert out.choices[0].message.content.startswith("tok0")
     by_model = gw.cli("usage", "--by", "model", "--json").stdout
     assert '"requests": 3' in by_model
+    # v4: an old key has no policy (every model, no expiry, no budget, no cap) until one is given
+    data = requests.get(gw.base_url + "/key", headers={"Authorization": f"Bearer {OLD_KEY}"}, timeout=10).json()["data"]
+    assert (data["models"], data["expires_at"], data["budget"], data["max_parallel"]) == (["*"], None, None, None)
+    gw.cli("keys", "update", "old", "--models", "free-*", "--budget", "0.5", "--budget-period", "month",
+           "--max-parallel", "3", "--expires", "30d")
+    listed = {r["name"]: r for r in json.loads(gw.cli("keys", "list", "--json").stdout)}["old"]
+    assert (listed["models"], listed["budget"], listed["max_parallel"]) == (["free-*"], "0.5", 3)
+    refused = requests.post(gw.base_url + "/chat/completions", headers={"Authorization": f"Bearer {OLD_KEY}"},
+                            json={"model": "paid-model", "messages": MSG}, timeout=10)
+    assert refused.status_code == 403 and refused.json()["error"]["code"] == "model_not_allowed"
     ledger_check(database.url)
 
 
