@@ -350,3 +350,32 @@ def test_each_endpoint_counts_one_request_and_429s_in_its_shape(gw):
         client.with_options(max_retries=0).embeddings.create(model="embed-model", input="hello")
     assert err.value.body["code"] == "rate_limit_exceeded"
     assert len(ledger_rows(gw, name)) == 4 and spent(gw, name) > 0
+
+
+# --------------------------------------------------------------------------------------------------
+# The per-key policy on every endpoint (app/api/flow.py resolve: one check for all of them)
+# --------------------------------------------------------------------------------------------------
+
+def test_a_models_allow_list_holds_on_every_endpoint_at_no_cost(gw):
+    name, key = new_key(gw, credit=10, models="free-model")
+    client = gw.client(key)
+    assert [m.id for m in client.models.list().data] == ["free-model"]
+    assert client.models.retrieve("free-model").id == "free-model"
+    with pytest.raises(openai.NotFoundError):                    # not allowed: unknown to this key
+        client.models.retrieve("embed-model")
+    before = remaining_rpm(gw, key)
+    calls = [
+        lambda: client.embeddings.create(model="embed-model", input="hi"),
+        lambda: client.responses.create(model="resp-model", input="hi", max_output_tokens=20),
+        lambda: client.chat.completions.create(model="paid-model", messages=MSG, max_tokens=5),
+    ]
+    for call in calls:
+        with pytest.raises(openai.PermissionDeniedError) as err:
+            call()
+        assert err.value.code == "model_not_allowed"
+    resp = requests.post(gw.url + "/v1/messages", headers={"x-api-key": key}, timeout=10,
+                         json={"model": "claude-model", "max_tokens": 20, "messages": MSG})
+    assert anthropic_error(resp, 403, "permission_error")
+    assert "'claude-model'" in resp.json()["error"]["message"]
+    assert remaining_rpm(gw, key) == before                       # refused before the count
+    assert ledger_rows(gw, name) == [] and spent(gw, name) == 0
