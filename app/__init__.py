@@ -62,7 +62,9 @@ def create_app(test_config: dict | None = None) -> Flask:
     )
 
     from .api import bp
+    from .api.admin import bp as admin_bp
     app.register_blueprint(bp)
+    app.register_blueprint(admin_bp)
     health.init_app(app)
     metrics.init_app(app)
     logs.init_app(app)

@@ -53,6 +53,7 @@ class KeyInfo:
     rpm: int | None         # as stored: None = the catalogue's default, UNLIMITED = no limit (see effective_limit)
     rpd: int | None
     disabled: bool = False  # authenticated, but refused with 401 key_disabled until `boundless keys enable`
+    admin: bool = False     # may call the admin API and nothing else (`keys create --admin`)
 
 
 #: Stored in ``api_key.rpm``/``rpd`` for "no limit of this kind" (the CLI's ``none``); NULL is the catalogue's
@@ -81,11 +82,12 @@ class KeyCache:
         hit = self._items.get(h)
         if hit is not None and hit[0] > now:
             return hit[1]
-        row = (ApiKey.select(ApiKey.id, ApiKey.name, ApiKey.prefix, ApiKey.rpm, ApiKey.rpd, ApiKey.disabled)
+        row = (ApiKey.select(ApiKey.id, ApiKey.name, ApiKey.prefix, ApiKey.rpm, ApiKey.rpd, ApiKey.disabled,
+                             ApiKey.admin)
                .where((ApiKey.key_hash == h) & (ApiKey.revoked == False))   # noqa: E712 (SQL, not Python)
                .tuples()
                .first())
-        info = KeyInfo(*row[:5], disabled=bool(row[5])) if row else None
+        info = KeyInfo(*row[:5], disabled=bool(row[5]), admin=bool(row[6])) if row else None
         if self.ttl > 0:
             with self._lock:
                 if len(self._items) > 10_000:
@@ -131,8 +133,12 @@ def _limit(value: int | None, name: str) -> int | None:
     return value
 
 
-def create(name: str, rpm: int | None = None, rpd: int | None = None, credit: Decimal | str | None = None) -> str:
-    """Create a key and return it; the only time the full key exists outside the caller's hands."""
+def create(name: str, rpm: int | None = None, rpd: int | None = None, credit: Decimal | str | None = None,
+           admin: bool = False) -> str:
+    """Create a key and return it; the only time the full key exists outside the caller's hands.
+
+    An ``admin`` key calls the admin API (app/api/admin.py) and nothing else.
+    """
     if not name or len(name) > 100:
         raise ConfigurationError("a key name must be 1 to 100 characters")
     opening = to_micro(credit) if credit is not None else 0
@@ -142,7 +148,7 @@ def create(name: str, rpm: int | None = None, rpd: int | None = None, credit: De
     try:
         with db.atomic():
             row = ApiKey.create(name=name, key_hash=digest(key), prefix=key[:PREFIX_LEN],
-                                rpm=_limit(rpm, "rpm"), rpd=_limit(rpd, "rpd"), balance=opening)
+                                rpm=_limit(rpm, "rpm"), rpd=_limit(rpd, "rpd"), balance=opening, admin=bool(admin))
             CreditEntry.create(key=row, amount=opening, kind="open")
     except IntegrityError as err:
         raise ConfigurationError(f"a key named {name!r} already exists") from err

@@ -34,7 +34,7 @@ from dataclasses import field
 from peewee import PeeweeException
 
 from ..catalog import Model
-from .credits import as_number
+from .credits import amount
 from .credits import cost
 from .credits import to_credits
 from ..errors import InsufficientCredits
@@ -400,4 +400,4 @@ def settle_lost(owners: list[str]) -> int:
 
 def key_summary(key_id: int) -> dict:
     row = ApiKey.get_by_id(key_id)
-    return {"name": row.name, "balance": as_number(row.balance), "spent": as_number(row.spent)}
+    return {"name": row.name, "balance": amount(row.balance), "spent": amount(row.spent)}

@@ -30,6 +30,7 @@ from peewee import IntegerField
 from peewee import Model
 from peewee import SmallIntegerField
 from peewee import SqliteDatabase
+from peewee import TextField
 from peewee import __exception_wrapper__
 from playhouse.db_url import connect as db_url_connect
 from playhouse.db_url import register_database
@@ -39,7 +40,7 @@ from .sqlite_busy import begin_immediate
 from .sqlite_writer import WRITER
 
 #: Version of the schema this code runs on; app/store/schema.py has the steps from each earlier version.
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 db = DatabaseProxy()
 T = TypeVar("T")
@@ -176,6 +177,7 @@ class ApiKey(BaseModel):
     created_at = DateTimeField(default=utcnow)
     revoked_at = DateTimeField(null=True)
     disabled = BooleanField(default=False)  # 401 key_disabled until enabled again; unlike revoked, undone (v3)
+    admin = BooleanField(default=False)     # calls the admin API only (v4; `keys create --admin`)
 
     class Meta:
         table_name = "api_key"
@@ -252,6 +254,32 @@ class Refusal(BaseModel):
         indexes = ((("key", "day", "model", "reason"), True),)
 
 
+class AuditEntry(BaseModel):
+    """One change made through the admin API or the console (v4): who, what, to what, when."""
+
+    id = AutoField()
+    at = DateTimeField(default=utcnow, index=True)
+    actor = CharField(max_length=120)       # "key:NAME" (an admin key) or "console:USER"
+    action = CharField(max_length=40)       # key.create | key.update | key.topup | key.revoke ...
+    target = CharField(max_length=200, default="")
+    detail = TextField(default="")          # the changed fields, as JSON (never a key)
+
+    class Meta:
+        table_name = "audit_entry"
+
+
+class ConsoleUser(BaseModel):
+    """Who may sign in to the web console (v4): a name and a Werkzeug password hash."""
+
+    id = AutoField()
+    name = CharField(max_length=100, unique=True)
+    password_hash = CharField(max_length=255)
+    created_at = DateTimeField(default=utcnow)
+
+    class Meta:
+        table_name = "console_user"
+
+
 class SchemaInfo(BaseModel):
     id = IntegerField(primary_key=True)
     version = IntegerField()
@@ -260,7 +288,7 @@ class SchemaInfo(BaseModel):
         table_name = "schema_info"
 
 
-MODELS = (ApiKey, CreditEntry, Usage, Heartbeat, Refusal, SchemaInfo)
+MODELS = (ApiKey, CreditEntry, Usage, Heartbeat, Refusal, AuditEntry, ConsoleUser, SchemaInfo)
 
 
 def init_app(app: Flask) -> None:
