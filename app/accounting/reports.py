@@ -11,7 +11,9 @@ includes that day.
 """
 from __future__ import annotations
 
+import csv
 import datetime
+import io
 from dataclasses import dataclass
 from dataclasses import field
 
@@ -125,6 +127,15 @@ def _refusals(by: str, key_name: str | None, model: str | None, since: datetime.
     return out
 
 
+def failures(since: datetime.datetime | None = None) -> dict[str, int]:
+    """{outcome: requests} of the settled requests that did not complete (upstream errors, cuts, hang-ups)."""
+    query = (Usage.select(Usage.outcome, fn.COUNT(Usage.id))
+             .where((Usage.state == "settled") & (Usage.outcome != "complete")))
+    if since:
+        query = query.where(Usage.created_at >= since)
+    return {outcome or "unknown": int(n) for outcome, n in query.group_by(Usage.outcome).tuples()}
+
+
 # --------------------------------------------------------------------------------------------------
 # Ledger rows
 # --------------------------------------------------------------------------------------------------
@@ -184,4 +195,21 @@ def ledger_row(row: Usage) -> dict:
             "ttfb_ms": None if row.ttfb_ms is None else round(row.ttfb_ms, 1)}
 
 
-__all__ = ["GROUPS", "LEDGER_COLUMNS", "UsageRow", "ledger", "ledger_row", "parse_moment", "usage"]
+def ledger_csv(rows: list[dict]) -> str:
+    """Ledger rows as CSV, with a header row (shared with the console's download)."""
+    out = io.StringIO()
+    writer = csv.DictWriter(out, fieldnames=LEDGER_COLUMNS, lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({k: _csv_cell(row[k]) for k in LEDGER_COLUMNS})
+    return out.getvalue()
+
+
+def _csv_cell(value):
+    # A cell starting with = + - @ is a formula to a spreadsheet: a model name or key name is the caller's text.
+    if isinstance(value, str) and value[:1] in ("=", "+", "-", "@", "\t", "\r"):
+        return "'" + value
+    return value
+
+
+__all__ = ["GROUPS", "LEDGER_COLUMNS", "UsageRow", "failures", "ledger", "ledger_csv", "ledger_row", "parse_moment", "usage"]

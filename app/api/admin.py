@@ -11,9 +11,6 @@ log with the admin key's name, in the change's own transaction (app/keyops.py).
 """
 from __future__ import annotations
 
-import csv
-import io
-
 from flask import Blueprint
 from flask import Response
 from flask import g
@@ -73,12 +70,12 @@ def create_key() -> tuple[Response, int]:
     return jsonify({"data": {**keyops.view(row, _defaults()), "key": key}}), 201
 
 
-@bp.get("/keys/<name>")
+@bp.get("/keys/<path:name>")
 def get_key(name: str) -> Response:
     return jsonify({"data": keyops.view(keyops.get(name), _defaults())})
 
 
-@bp.patch("/keys/<name>")
+@bp.patch("/keys/<path:name>")
 def update_key(name: str) -> Response:
     body = _json_body()
     if not body:
@@ -88,12 +85,12 @@ def update_key(name: str) -> Response:
     return jsonify({"data": keyops.view(row, _defaults())})
 
 
-@bp.delete("/keys/<name>")
+@bp.delete("/keys/<path:name>")
 def revoke_key(name: str) -> Response:
     return jsonify({"data": keyops.view(keyops.revoke(g.actor, name), _defaults())})
 
 
-@bp.post("/keys/<name>/topup")
+@bp.post("/keys/<path:name>/topup")
 def topup_key(name: str) -> Response:
     body = _json_body()
     if "amount" not in body:
@@ -126,7 +123,7 @@ def ledger() -> Response:
                                  request.args.get("request_id") or None, limit,
                                  _int_arg("cursor", None, 1, 2**63 - 1))
     if as_csv:
-        resp = Response(ledger_csv(rows), mimetype="text/csv")
+        resp = Response(reports.ledger_csv(rows), mimetype="text/csv")
         resp.headers["Content-Disposition"] = "attachment; filename=ledger.csv"
         if after is not None:
             resp.headers["X-Next-Cursor"] = str(after)
@@ -140,23 +137,6 @@ def audit_log() -> Response:
     entries = audit.recent(limit, offset, actor=request.args.get("actor") or None,
                            target=request.args.get("target") or None, action=request.args.get("action") or None)
     return jsonify({"data": [audit.as_dict(e) for e in entries], "limit": limit, "offset": offset})
-
-
-def ledger_csv(rows: list[dict]) -> str:
-    """Ledger rows as CSV, with a header row (shared with the console's download)."""
-    out = io.StringIO()
-    writer = csv.DictWriter(out, fieldnames=reports.LEDGER_COLUMNS, lineterminator="\n")
-    writer.writeheader()
-    for row in rows:
-        writer.writerow({k: _csv_cell(row[k]) for k in reports.LEDGER_COLUMNS})
-    return out.getvalue()
-
-
-def _csv_cell(value):
-    # A cell starting with = + - @ is a formula to a spreadsheet: a model name or key name is the caller's text.
-    if isinstance(value, str) and value[:1] in ("=", "+", "-", "@", "\t", "\r"):
-        return "'" + value
-    return value
 
 
 # --------------------------------------------------------------------------------------------------
