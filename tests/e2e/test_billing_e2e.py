@@ -585,7 +585,7 @@ def test_key_endpoint_exact_and_not_counted(gw):
         return body["data"]
 
     first = info()
-    assert first == {"name": name, "balance": 1.234567, "spent": 0, "rpm": 5, "rpd": 7,
+    assert first == {"name": name, "balance": "1.234567", "spent": "0", "rpm": 5, "rpd": 7,
                      "remaining_rpm": 5, "remaining_rpd": 7}
     assert info() == first                            # reading is not a request against the limits
 
