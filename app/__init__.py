@@ -64,6 +64,10 @@ def create_app(test_config: dict | None = None) -> Flask:
 
     from . import api
     api.init_app(app)
+    from .api.admin import bp as admin_bp
+    app.register_blueprint(admin_bp)
+    from . import console
+    console.init_app(app, storage)
     health.init_app(app)
     metrics.init_app(app)
     logs.init_app(app)

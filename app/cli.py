@@ -22,16 +22,18 @@ from importlib.metadata import PackageNotFoundError
 from importlib.metadata import version as package_version
 
 import click
-from peewee import Case
 from peewee import PeeweeException
-from peewee import fn
 
+from . import audit
+from . import console_users
 from . import keys as keyadmin
 from . import policy
 from .accounting import budget as budgets
 from .store import schema
 from .catalog import Catalog
 from .catalog import load as load_catalog
+from .accounting import reports
+from .accounting.credits import amount
 from .accounting.credits import to_credits
 from .server.lifecycle import settle_owner
 from .server.lifecycle import settle_silent
@@ -297,14 +299,20 @@ def _policy(cfg: dict, models: str | None, expires: str | None, budget: str | No
               help="Requests per day: a positive number, or none for no limit (default: the catalogue's).")
 @click.option("--credit", type=str, default=None, help="Opening balance in credits for paid models.")
 @_policy_options(update=False)
+@click.option("--admin", is_flag=True, help="A key for the admin API (/api/v1/keys ...) only; it cannot chat.")
 def keys_create(name: str, rpm: str | None, rpd: str | None, credit: str | None, models: str | None,
-                expires: str | None, budget: str | None, budget_period: str | None, max_parallel: str | None) -> None:
+                expires: str | None, budget: str | None, budget_period: str | None, max_parallel: str | None,
+                admin: bool) -> None:
     """Create a key and print it (shown this once only)."""
     limits = {opt: keyadmin.parse_limit(text, opt) for opt, text in (("rpm", rpm), ("rpd", rpd)) if text is not None}
+    if admin and (limits or credit is not None or models is not None or budget is not None
+                  or max_parallel is not None):
+        raise click.UsageError("an --admin key calls the admin API only: it has no limits, credit, models, budget "
+                               "or parallel cap (--expires is fine)")
     if (budget is None) != (budget_period is None):
         raise click.UsageError("--budget and --budget-period go together (e.g. --budget 10 --budget-period month)")
     cfg = _open_db()
-    key = keyadmin.create(name, credit=credit, **limits,
+    key = keyadmin.create(name, credit=credit, admin=admin, **limits,
                           **_policy(cfg, models, expires, budget, budget_period, max_parallel, update=False))
     click.echo(key)
     click.echo(f"created key {name!r} in {redact(str(cfg['BOUNDLESS_DATABASE_URL']))}; store the key now, it "
@@ -333,12 +341,12 @@ def keys_list(as_json: bool) -> None:
         expired = k.expires_at is not None and k.expires_at <= now.replace(tzinfo=None)
         state = "revoked" if k.revoked else "disabled" if k.disabled else "expired" if expired else "active"
         rows.append({"name": k.name, "prefix": k.prefix + "...", "rpm": _shown_limit(k.rpm, d_rpm),
-                     "rpd": _shown_limit(k.rpd, d_rpd), "balance": str(to_credits(k.balance)),
-                     "spent": str(to_credits(k.spent)), "state": state,
+                     "rpd": _shown_limit(k.rpd, d_rpd), "balance": amount(k.balance),
+                     "spent": amount(k.spent), "state": state, "admin": bool(k.admin),
                      "models": list(policy.patterns(k.models) or ["*"]), "expires_at": policy.iso_utc(k.expires_at),
-                     "budget": None if k.budget is None else str(to_credits(k.budget)),
+                     "budget": None if k.budget is None else amount(k.budget),
                      "budget_period": k.budget_period,
-                     "budget_spent": None if k.budget is None else str(to_credits(budgets.spent_now(k, periods))),
+                     "budget_spent": None if k.budget is None else amount(budgets.spent_now(k, periods)),
                      "max_parallel": k.max_parallel})
     if as_json:
         for r in rows:            # JSON: null for no limit
@@ -346,7 +354,8 @@ def keys_list(as_json: bool) -> None:
         click.echo(json.dumps(rows, indent=2))
         return
     _table(["NAME", "PREFIX", "RPM", "RPD", "BALANCE", "SPENT", "STATE", "MODELS", "EXPIRES", "BUDGET", "PARALLEL"],
-           [[r["name"], r["prefix"], r["rpm"], r["rpd"], r["balance"], r["spent"], r["state"], ",".join(r["models"]),
+           [[r["name"], r["prefix"], r["rpm"], r["rpd"], r["balance"], r["spent"],
+             r["state"] + (" (admin)" if r["admin"] else ""), ",".join(r["models"]),
              r["expires_at"], _shown_budget(r), r["max_parallel"]] for r in rows])
 
 
@@ -431,19 +440,10 @@ def keys_topup(name: str, amount: str) -> None:
 # --------------------------------------------------------------------------------------------------
 
 def _date(value: str | None, end: bool = False, option: str = "--since") -> datetime.datetime | None:
-    if value is None:
-        return None
     try:
-        if len(value) == 10:
-            day = datetime.date.fromisoformat(value)
-            return datetime.datetime.combine(day + datetime.timedelta(days=1 if end else 0), datetime.time())
-        moment = datetime.datetime.fromisoformat(value)
-        if moment.tzinfo is not None:                  # the ledger is in UTC: convert, do not just drop the offset
-            moment = moment.astimezone(datetime.timezone.utc)
-        return moment.replace(tzinfo=None)
-    except ValueError:
-        raise click.BadParameter(f"{value!r} is not a date (YYYY-MM-DD) or an ISO date-time",
-                                 param_hint=option) from None
+        return reports.parse_moment(value, end=end)
+    except ValueError as err:
+        raise click.BadParameter(str(err), param_hint=option) from None
 
 
 @main.command()
@@ -463,29 +463,11 @@ def usage(key_name, model, since, until, by, as_json) -> None:
         raise ConfigurationError(f"no key named {key_name!r} (see `boundless keys list`)")
     if model and not _known_model(cfg, model):
         raise ConfigurationError(f"no model named {model!r} in the catalogue or the ledger")
-    # DATE() uncoerced: peewee would read SQLite's 'YYYY-MM-DD' back through DateTimeField as a midnight datetime
-    group = {"day": fn.DATE(Usage.created_at).coerce(False), "model": Usage.model, "key": ApiKey.name}[by]
-    query = (Usage.select(group.alias("grp"), fn.COUNT(Usage.id), fn.SUM(Usage.prompt_tokens),
-                          fn.SUM(Usage.completion_tokens), fn.SUM(Usage.charge),
-                          fn.SUM(Case(None, [(Usage.estimated == True, 1)], 0)))   # noqa: E712
-             .join(ApiKey)
-             .where(Usage.state == "settled"))
-    if key_name:
-        query = query.where(ApiKey.name == key_name)
-    if model:
-        query = query.where(Usage.model == model)
-    if since:
-        query = query.where(Usage.created_at >= _date(since))
-    if until:
-        query = query.where(Usage.created_at < _date(until, end=True, option="--until"))
-    ledger = {str(g): [int(n), int(p or 0), int(c or 0), to_credits(int(ch or 0)), int(e or 0)]
-              for g, n, p, c, ch, e in query.group_by(group).tuples()}
-    refused = _refusals(by, key_name, model, _date(since), _date(until, end=True, option="--until"))
-    groups = sorted(set(ledger) | set(refused), key=lambda g: (g == "", g))
-    rows = [[g or None, *ledger.get(g, [0, 0, 0, Decimal(0), 0]), refused.get(g, {})] for g in groups]
+    found = reports.usage(by, key_name, model, _date(since), _date(until, end=True, option="--until"))
+    rows = [[r.group, r.requests, r.prompt_tokens, r.completion_tokens, to_credits(r.charge), r.estimated, r.refused]
+            for r in found]
     if as_json:
-        click.echo(json.dumps([{by: r[0], "requests": r[1], "prompt_tokens": r[2], "completion_tokens": r[3],
-                                "credits": float(r[4]), "estimated": r[5], "refused": r[6]} for r in rows], indent=2))
+        click.echo(json.dumps([r.as_json(by) for r in found], indent=2))
         return
     total = ["TOTAL", sum(r[1] for r in rows), sum(r[2] for r in rows), sum(r[3] for r in rows),
              sum((r[4] for r in rows), Decimal(0)), sum(r[5] for r in rows), sum(sum(r[6].values()) for r in rows)]
@@ -503,26 +485,58 @@ def _known_model(cfg: dict, model: str) -> bool:
                 or Refusal.select().where(Refusal.model == model).exists())
 
 
-def _refusals(by: str, key_name: str | None, model: str | None, since: datetime.datetime | None,
-              until: datetime.datetime | None) -> dict[str, dict[str, int]]:
-    """{group: {reason: count}} of the refused requests; counted per UTC day, so a --since or --until with a
-    time of day takes in the whole day it falls in."""
-    group = {"day": Refusal.day, "model": Refusal.model, "key": ApiKey.name}[by]
-    query = (Refusal.select(group.alias("grp"), Refusal.reason, fn.SUM(Refusal.count))
-             .join(ApiKey))
-    if key_name:
-        query = query.where(ApiKey.name == key_name)
-    if model:
-        query = query.where(Refusal.model == model)
-    if since:
-        query = query.where(Refusal.day >= since.date())
-    if until:
-        query = query.where(Refusal.day < (until.date() if until.time() == datetime.time() else
-                                           until.date() + datetime.timedelta(days=1)))
-    out: dict[str, dict[str, int]] = {}
-    for grp, reason, n in query.group_by(group, Refusal.reason).tuples():
-        out.setdefault(str(grp) if grp is not None else "", {})[reason] = int(n)
-    return out
+# --------------------------------------------------------------------------------------------------
+# console users, audit log
+# --------------------------------------------------------------------------------------------------
+
+@main.group("console")
+def console_group() -> None:
+    """Users of the web console (/console/)."""
+
+
+@console_group.command("add-user")
+@click.argument("name")
+@click.password_option("--password", prompt="Password", help="Asked for (twice) when not given.")
+def console_add_user(name: str, password: str) -> None:
+    """Create a console user or set a new password.
+
+    The password is asked for twice; it is stored as a Werkzeug (scrypt) hash.
+    """
+    _open_db()
+    created = console_users.set_password(name, password)
+    click.echo(f"{'created' if created else 'changed the password of'} console user {name!r}")
+
+
+@console_group.command("del-user")
+@click.argument("name")
+def console_del_user(name: str) -> None:
+    """Remove a console user.
+
+    Their open console sessions end at their next page.
+    """
+    _open_db()
+    console_users.remove(name)
+    click.echo(f"removed console user {name!r}")
+
+
+@main.command("audit")
+@click.option("--limit", type=click.IntRange(min=1), default=50, show_default=True, help="Newest entries shown.")
+@click.option("--actor", default=None, help="Only this actor (key:NAME or console:USER).")
+@click.option("--target", default=None, help="Only changes to this key.")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def audit_log(limit: int, actor: str | None, target: str | None, as_json: bool) -> None:
+    """Show the admin API's and console's changes.
+
+    Newest first: when, who (key:NAME or console:USER), what, to which key, the fields changed.
+    """
+    _open_db()
+    entries = [audit.as_dict(e) for e in audit.recent(limit, actor=actor, target=target)]
+    if as_json:
+        click.echo(json.dumps(entries, indent=2))
+        return
+    _table(["AT", "ACTOR", "ACTION", "TARGET", "DETAIL"],
+           [[e["at"], e["actor"], e["action"], e["target"], json.dumps(e["detail"], sort_keys=True)]
+            for e in entries])
 
 
 # --------------------------------------------------------------------------------------------------

@@ -97,6 +97,25 @@ class AuthenticationError(GatewayError):
     status, type, code = 401, "invalid_request_error", "invalid_api_key"
 
 
+class PermissionDenied(GatewayError):
+    """The key is valid but may not call this route: an admin key outside the admin API (``admin_key``), or
+    a normal key on the admin API (``not_admin``)."""
+
+    status, type, code = 403, "permission_error", "permission_denied"
+
+
+class NotFound(GatewayError):
+    """The named object (a key, on the admin API) does not exist."""
+
+    status, type, code = 404, "invalid_request_error", "not_found"
+
+
+class Conflict(GatewayError):
+    """The change clashes with what exists: a key name already taken, a revoked key changed."""
+
+    status, type, code = 409, "invalid_request_error", "conflict"
+
+
 class InsufficientCredits(GatewayError):
     """The key's balance cannot cover the worst case of a paid request. Top up, or ask for fewer tokens.
 

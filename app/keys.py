@@ -59,6 +59,7 @@ class KeyInfo:
     models: tuple[str, ...] | None = None        # allow-list patterns (app/policy.py); None = every model
     expires_at: datetime.datetime | None = None  # naive UTC; 401 key_expired from then on
     max_parallel: int | None = None              # requests in flight at once (app/limits/parallel.py)
+    admin: bool = False     # may call the admin API and nothing else (`keys create --admin`)
 
 
 #: Stored in ``api_key.rpm``/``rpd`` for "no limit of this kind" (the CLI's ``none``); NULL is the catalogue's
@@ -88,12 +89,13 @@ class KeyCache:
         if hit is not None and hit[0] > now:
             return hit[1]
         row = (ApiKey.select(ApiKey.id, ApiKey.name, ApiKey.prefix, ApiKey.rpm, ApiKey.rpd, ApiKey.disabled,
-                             ApiKey.models, ApiKey.expires_at, ApiKey.max_parallel)
+                             ApiKey.models, ApiKey.expires_at, ApiKey.max_parallel,
+                             ApiKey.admin)
                .where((ApiKey.key_hash == h) & (ApiKey.revoked == False))   # noqa: E712 (SQL, not Python)
                .tuples()
                .first())
         info = KeyInfo(*row[:5], disabled=bool(row[5]), models=patterns(row[6]), expires_at=row[7],
-                       max_parallel=row[8]) if row else None
+                       max_parallel=row[8], admin=bool(row[9])) if row else None
         if self.ttl > 0:
             with self._lock:
                 if len(self._items) > 10_000:
@@ -141,11 +143,12 @@ def _limit(value: int | None, name: str) -> int | None:
 
 def create(name: str, rpm: int | None = None, rpd: int | None = None, credit: Decimal | str | None = None, *,
            models: str | None = None, expires_at: datetime.datetime | None = None, budget: int | None = None,
-           budget_period: str | None = None, max_parallel: int | None = None) -> str:
+           budget_period: str | None = None, max_parallel: int | None = None, admin: bool = False) -> str:
     """Create a key and return it; the only time the full key exists outside the caller's hands.
 
     The policy (app/policy.py's parsers give these): ``models`` the stored allow-list (None: every model),
     ``expires_at`` naive UTC, ``budget`` micro-credits per ``budget_period``, ``max_parallel``.
+    An ``admin`` key calls the admin API (app/api/admin.py) and nothing else.
     """
     if not name or len(name) > 100:
         raise ConfigurationError("a key name must be 1 to 100 characters")
@@ -160,7 +163,7 @@ def create(name: str, rpm: int | None = None, rpd: int | None = None, credit: De
             row = ApiKey.create(name=name, key_hash=digest(key), prefix=key[:PREFIX_LEN],
                                 rpm=_limit(rpm, "rpm"), rpd=_limit(rpd, "rpd"), balance=opening, models=models,
                                 expires_at=expires_at, budget=budget, budget_period=budget_period,
-                                max_parallel=max_parallel)
+                                max_parallel=max_parallel, admin=bool(admin))
             CreditEntry.create(key=row, amount=opening, kind="open")
     except IntegrityError as err:
         raise ConfigurationError(f"a key named {name!r} already exists") from err

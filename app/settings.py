@@ -47,6 +47,11 @@ DEFAULTS: dict[str, object] = {
     "BOUNDLESS_METRICS_DIR": "",
     #: Write one JSON access line per request to stderr (logger "boundless.access").
     "BOUNDLESS_LOG_REQUESTS": True,
+    #: Serve the web console at /console/ (false: it answers 404).
+    "BOUNDLESS_CONSOLE": True,
+    #: Signs the console's session cookies; the same on every worker and gateway ("" = one generated once into
+    #: a file beside the SQLite database, or under instance/ for a server database).
+    "BOUNDLESS_SECRET_KEY": "",
 }
 
 

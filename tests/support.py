@@ -279,7 +279,7 @@ class Gateway:
     def create_key(self, name: str | None = None, **opts) -> str:
         args = ["keys", "create", "--name", name or ("k-" + uuid.uuid4().hex[:8])]
         for opt, value in opts.items():
-            args += [f"--{opt}", str(value)]
+            args += [f"--{opt}"] if value is True else [f"--{opt}", str(value)]
         return self.cli(*args).stdout.strip()
 
     def client(self, key: str, **kw):

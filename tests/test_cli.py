@@ -134,7 +134,7 @@ def test_create_prints_the_key_once_stores_only_its_hash_and_lists_balances(cli,
     assert by_name["bob"][2:] == ["20", "50", "0", "0", "active", "*", "-", "-", "-"]      # the catalogue's defaults
     listed = {r["name"]: r for r in json.loads(listing_json.stdout)}
     assert listed["alice"] == {"name": "alice", "prefix": key[:8] + "...", "rpm": 3, "rpd": 9,
-                               "balance": "12.5", "spent": "0", "state": "active", "models": ["*"],
+                               "balance": "12.5", "spent": "0", "state": "active", "admin": False, "models": ["*"],
                                "expires_at": None, "budget": None, "budget_period": None, "budget_spent": None,
                                "max_parallel": None}
 
@@ -251,23 +251,23 @@ def test_usage_report(cli):
                     ["2024-03-05", "1", "4", "4", "0", "0", "0"],
                     ["TOTAL", "5", "122", "63", "0.223", "1", "0"]]
     assert json.loads(by_model.stdout) == [
-        {"model": "free-model", "requests": 2, "prompt_tokens": 11, "completion_tokens": 7, "credits": 0,
+        {"model": "free-model", "requests": 2, "prompt_tokens": 11, "completion_tokens": 7, "credits": "0",
          "estimated": 0, "refused": {}},
-        {"model": "paid-model", "requests": 3, "prompt_tokens": 111, "completion_tokens": 56, "credits": 0.223,
+        {"model": "paid-model", "requests": 3, "prompt_tokens": 111, "completion_tokens": 56, "credits": "0.223",
          "estimated": 1, "refused": {}}]
     assert table(by_key.stdout) == [["KEY", "REQUESTS", "PROMPT", "COMPLETION", "CREDITS", "ESTIMATED", "REFUSED"],
                                      ["ivy", "3", "18", "9", "0.023", "0", "0"],
                                      ["jack", "2", "104", "54", "0.2", "1", "0"],
                                      ["TOTAL", "5", "122", "63", "0.223", "1", "0"]]
     assert json.loads(one_key.stdout) == [
-        {"model": "paid-model", "requests": 1, "prompt_tokens": 100, "completion_tokens": 50, "credits": 0.2,
+        {"model": "paid-model", "requests": 1, "prompt_tokens": 100, "completion_tokens": 50, "credits": "0.2",
          "estimated": 1, "refused": {}}]
     assert [(r["day"], r["requests"]) for r in json.loads(since.stdout)] == [("2024-03-02", 1), ("2024-03-05", 1)]
-    assert [(r["day"], r["requests"], r["credits"]) for r in json.loads(until.stdout)] == [("2024-03-01", 2, 0.02)]
+    assert [(r["day"], r["requests"], r["credits"]) for r in json.loads(until.stdout)] == [("2024-03-01", 2, "0.02")]
     assert json.loads(window.stdout) == [
-        {"key": "ivy", "requests": 1, "prompt_tokens": 7, "completion_tokens": 3, "credits": 0, "estimated": 0,
+        {"key": "ivy", "requests": 1, "prompt_tokens": 7, "completion_tokens": 3, "credits": "0", "estimated": 0,
          "refused": {}},
-        {"key": "jack", "requests": 1, "prompt_tokens": 100, "completion_tokens": 50, "credits": 0.2,
+        {"key": "jack", "requests": 1, "prompt_tokens": 100, "completion_tokens": 50, "credits": "0.2",
          "estimated": 1, "refused": {}}]
     assert bad.returncode == 1 and "not a date" in bad.stderr        # every failure exits 1 (issue 19.1)
 
@@ -278,7 +278,7 @@ def test_usage_report_on_server_databases(database, tmp_path):
     _ledger(cli)
     by_day, by_key = cli.many(("usage", "--json"), ("usage", "--by", "key", "--since", "2024-03-02", "--json"))
     assert [(r["day"], r["requests"], r["credits"]) for r in json.loads(by_day.stdout)] == [
-        ("2024-03-01", 3, 0.22), ("2024-03-02", 1, 0.003), ("2024-03-05", 1, 0)]
+        ("2024-03-01", 3, "0.22"), ("2024-03-02", 1, "0.003"), ("2024-03-05", 1, "0")]
     assert [(r["key"], r["requests"], r["estimated"]) for r in json.loads(by_key.stdout)] == [
         ("ivy", 1, 0), ("jack", 1, 0)]
 
@@ -307,7 +307,7 @@ def test_cli_works_while_the_gateway_runs(gateway_factory, tmp_path):
 
     report = json.loads(gw.cli("usage", "--json", "--by", "model", "--key", "live").stdout)
     assert [(r["model"], r["requests"]) for r in report] == [("free-model", 1), ("paid-model", 1)]
-    assert report[1]["credits"] == charge / 1_000_000
+    assert report[1]["credits"] == str(to_credits(charge))
     listed = {r["name"]: r for r in json.loads(gw.cli("keys", "list", "--json").stdout)}
     assert listed["live"]["spent"] == str(to_credits(charge))
 
@@ -407,7 +407,7 @@ def test_version_and_help_list_every_command():
         # one line each: the short help is on it, and the next line is another command
         assert cmd.get_short_help_str(limit=60).rstrip(".") in listed[0]
         following = lines[lines.index(listed[0]) + 1:lines.index(listed[0]) + 2]
-        assert not following or re.match(r"\s+\w+( \w+)?\s{2,}\S", following[0]), following
+        assert not following or re.match(r"\s+[\w-]+( [\w-]+)?\s{2,}\S", following[0]), following
 
 
 def _leaf_commands(group, prefix: str = "") -> dict:

@@ -37,7 +37,7 @@ from peewee import PeeweeException
 
 from ..catalog import Model
 from . import budget
-from .credits import as_number
+from .credits import amount
 from .credits import cost
 from .credits import to_credits
 from ..errors import BudgetExceeded
@@ -457,5 +457,5 @@ def key_summary(key_id: int, tz: datetime.tzinfo = datetime.timezone.utc) -> dic
     """Name, balance, spent, and the budget's fields (``budget``, ``budget_period``, ``budget_spent``,
     ``budget_resets_at``: null without a budget) of a key, read now (never cached)."""
     row = ApiKey.get_by_id(key_id)
-    return {"name": row.name, "balance": as_number(row.balance), "spent": as_number(row.spent),
+    return {"name": row.name, "balance": amount(row.balance), "spent": amount(row.spent),
             **budget.summary(row, datetime.datetime.now(datetime.timezone.utc), tz)}

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 from peewee import fn
 
-from .credits import as_number
+from .credits import amount
 from .credits import to_micro
 from ..errors import ConfigurationError
 from ..store.models import ApiKey
@@ -95,8 +95,8 @@ def summary(row: ApiKey, now: datetime.datetime, tz: datetime.tzinfo) -> dict:
     if row.budget is None:
         return {"budget": None, "budget_period": None, "budget_spent": None, "budget_resets_at": None}
     end = period_end(row.budget_period, now, tz)
-    return {"budget": as_number(row.budget), "budget_period": row.budget_period,
-            "budget_spent": as_number(spent_now(row, periods(now, tz))),
+    return {"budget": amount(row.budget), "budget_period": row.budget_period,
+            "budget_spent": amount(spent_now(row, periods(now, tz))),
             "budget_resets_at": end.isoformat()}
 
 

@@ -17,7 +17,7 @@ from ..errors import ConfigurationError
 
 MICRO = 1_000_000
 
-#: The largest amount accepted, in micro-credits: JSON numbers stay exact below 2**53 (see :func:`as_number`),
+#: The largest amount accepted, in micro-credits: JSON readers that turn amounts into numbers stay exact below 2**53,
 #: and a database BIGINT never overflows.
 MAX_MICRO = 2**53 - 1
 
@@ -42,10 +42,11 @@ def to_credits(micro: int) -> Decimal:
     return Decimal(micro) / MICRO
 
 
-def as_number(micro: int) -> float | int:
-    """A micro-credit amount as a JSON number of credits (exact for any amount below 2**53 micro-credits)."""
-    value = to_credits(micro)
-    return int(value) if value == value.to_integral_value() else float(value)
+def amount(micro: int) -> str:
+    """A micro-credit amount as every JSON answer and ``--json`` output shows it: a decimal string of
+    credits, never with an exponent (59 -> ``"0.000059"``, not ``5.9e-05``), with no trailing zeros
+    (1_500_000 -> ``"1.5"``, 100_000_000 -> ``"100"``). A string, so that no JSON reader rounds it."""
+    return format(to_credits(int(micro)).normalize(), "f")
 
 
 def cost(prompt_tokens: int, completion_tokens: int, input_price: Decimal, output_price: Decimal) -> int:

@@ -19,6 +19,7 @@ from flask import request
 from ..auth import authenticate
 from ..accounting.billing import new_request_id
 from ..errors import GatewayError
+from ..errors import PermissionDenied
 from ..state import state
 
 bp = Blueprint("api", __name__, url_prefix="/api/v1")
@@ -28,6 +29,9 @@ bp = Blueprint("api", __name__, url_prefix="/api/v1")
 def _authenticate() -> None:
     g.request_id = new_request_id()
     key = authenticate()
+    if key.admin:                     # an admin key administers; it never spends (app/api/admin.py)
+        raise PermissionDenied("An admin key may call the admin API only (/api/v1/keys, /usage, /ledger, "
+                               "/audit), not this route.", code="admin_key")
     if request.method == "GET":       # reads are not counted, but they report what is left
         g._boundless_rate = state().limiter.peek(key.id, *state().limits_for(key))
 

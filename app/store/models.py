@@ -30,6 +30,7 @@ from peewee import IntegerField
 from peewee import Model
 from peewee import SmallIntegerField
 from peewee import SqliteDatabase
+from peewee import TextField
 from peewee import __exception_wrapper__
 from playhouse.db_url import connect as db_url_connect
 from playhouse.db_url import register_database
@@ -39,7 +40,7 @@ from .sqlite_busy import begin_immediate
 from .sqlite_writer import WRITER
 
 #: Version of the schema this code runs on; app/store/schema.py has the steps from each earlier version.
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 
 db = DatabaseProxy()
 T = TypeVar("T")
@@ -184,6 +185,7 @@ class ApiKey(BaseModel):
     budget_spent = BigIntegerField(default=0)        # charged + held in the period starting at budget_period_start
     budget_period_start = DateTimeField(null=True)   # UTC start of the period budget_spent counts
     max_parallel = IntegerField(null=True)           # requests in flight at once; NULL = no cap
+    admin = BooleanField(default=False)     # calls the admin API only (v5; `keys create --admin`)
 
     class Meta:
         table_name = "api_key"
@@ -260,6 +262,32 @@ class Refusal(BaseModel):
         indexes = ((("key", "day", "model", "reason"), True),)
 
 
+class AuditEntry(BaseModel):
+    """One change made through the admin API or the console (v4): who, what, to what, when."""
+
+    id = AutoField()
+    at = DateTimeField(default=utcnow, index=True)
+    actor = CharField(max_length=120)       # "key:NAME" (an admin key) or "console:USER"
+    action = CharField(max_length=40)       # key.create | key.update | key.topup | key.revoke ...
+    target = CharField(max_length=200, default="")
+    detail = TextField(default="")          # the changed fields, as JSON (never a key)
+
+    class Meta:
+        table_name = "audit_entry"
+
+
+class ConsoleUser(BaseModel):
+    """Who may sign in to the web console (v4): a name and a Werkzeug password hash."""
+
+    id = AutoField()
+    name = CharField(max_length=100, unique=True)
+    password_hash = CharField(max_length=255)
+    created_at = DateTimeField(default=utcnow)
+
+    class Meta:
+        table_name = "console_user"
+
+
 class SchemaInfo(BaseModel):
     id = IntegerField(primary_key=True)
     version = IntegerField()
@@ -268,7 +296,7 @@ class SchemaInfo(BaseModel):
         table_name = "schema_info"
 
 
-MODELS = (ApiKey, CreditEntry, Usage, Heartbeat, Refusal, SchemaInfo)
+MODELS = (ApiKey, CreditEntry, Usage, Heartbeat, Refusal, AuditEntry, ConsoleUser, SchemaInfo)
 
 
 def init_app(app: Flask) -> None:

@@ -21,6 +21,8 @@ from playhouse.migrate import SchemaMigrator
 from ..errors import ConfigurationError
 from .models import MODELS
 from .models import ApiKey
+from .models import AuditEntry
+from .models import ConsoleUser
 from .models import Refusal
 from .models import Heartbeat
 from .models import SCHEMA_VERSION
@@ -77,9 +79,20 @@ def _v4_key_policy(migrator: SchemaMigrator) -> list:
             for column in columns]
 
 
+def _v5_admin_keys_audit_console(migrator: SchemaMigrator) -> list:
+    """v5: admin keys (the admin API only), the audit log of changes made through the admin API and the
+    console, and the console's users."""
+    database = migrator.database
+    database.create_tables([AuditEntry, ConsoleUser], safe=True)
+    false = "FALSE" if isinstance(database, PostgresqlDatabase) else "0"
+    # A plain ALTER TABLE, as in v3: playhouse would rebuild api_key on SQLite and cascade away its ledger.
+    return [lambda: database.execute_sql(f"ALTER TABLE api_key ADD COLUMN admin BOOLEAN NOT NULL DEFAULT {false}")]
+
+
 #: version reached -> step that takes the schema from version-1 to it.
 STEPS: dict[int, Callable[[SchemaMigrator], list]] = {2: _v2_owner_and_heartbeat, 3: _v3_disabled_unlimited_refusals,
-                                                      4: _v4_key_policy}
+                                                      4: _v4_key_policy,
+                                                      5: _v5_admin_keys_audit_console}
 
 
 def current_version(database: Database = db) -> int | None:

@@ -21,7 +21,7 @@ from app.accounting.billing import Lease
 from app.accounting.billing import Outcome
 from app.catalog import Model
 from app.catalog import Provider
-from app.accounting.credits import as_number
+from app.accounting.credits import amount
 from app.accounting.credits import cost
 from app.accounting.credits import to_credits
 from app.accounting.credits import to_micro
@@ -46,7 +46,7 @@ CHEAP = Model(id="cheap", provider=PROVIDER, upstream_model="cheap", owned_by="m
 
 
 # --------------------------------------------------------------------------------------------------
-# credits: to_micro / to_credits / as_number / cost
+# credits: to_micro / to_credits / amount / cost
 # --------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("amount, micro", [
@@ -77,17 +77,17 @@ def test_to_micro_refuses_non_amounts(amount):
         to_micro(amount)
 
 
-def test_to_credits_and_as_number():
+def test_to_credits_and_amount():
     assert to_credits(1) == Decimal("0.000001")
     assert str(to_credits(1_500_000)) == "1.5"
     assert str(to_credits(984_000)) == "0.984"
-    assert as_number(0) == 0 and isinstance(as_number(0), int)
-    assert as_number(5_000_000) == 5 and isinstance(as_number(5_000_000), int)
-    assert as_number(1_500_000) == 1.5
-    assert json.dumps(as_number(1)) == "1e-06"
-    # JSON numbers round-trip to the exact decimal for every amount a ledger realistically holds
-    for micro in (1, 7, 984_000, 123_456_789, 999_999_999_999, 2**53 // 1000, 10**15 + 1):
-        assert Decimal(repr(as_number(micro))) == to_credits(micro), micro
+    # amounts in JSON: decimal strings, never an exponent (issue 18: "0.000059", never 5.9e-05)
+    assert [amount(m) for m in (0, 1, 59, 1_500_000, 5_000_000, 100_000_000, -2_500)] == [
+        "0", "0.000001", "0.000059", "1.5", "5", "100", "-0.0025"]
+    assert json.dumps(amount(1)) == '"0.000001"'
+    for micro in (1, 7, 984_000, 123_456_789, 999_999_999_999, 2**53 - 1, 10**15 + 1):
+        text = amount(micro)
+        assert "e" not in text.lower() and Decimal(text) == to_credits(micro), micro
 
 
 def test_cost_is_exact_and_rounds_up_once():

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from decimal import Decimal
 
 import openai
 import pytest
@@ -219,7 +220,7 @@ def test_the_gthread_worker_still_serves_everything(gateway_factory, mock):
     stream = client.chat.completions.create(model="paid-model", messages=MSG, max_tokens=20, stream=True)
     assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices) == "tok0 tok1 tok2 tok3 tok4"
     info = requests.get(gw.base_url + "/key", headers={"Authorization": f"Bearer {key}"}, timeout=5).json()
-    assert 0 < info["data"]["spent"] and info["data"]["balance"] + info["data"]["spent"] == 1
+    assert 0 < Decimal(info["data"]["spent"]) and Decimal(info["data"]["balance"]) + Decimal(info["data"]["spent"]) == 1
 
 
 def test_the_shipped_worker_is_gevent(gateway):

@@ -345,7 +345,7 @@ def test_a_stream_is_settled_before_its_done_reaches_the_caller(gw):
         usage = [json.loads(e)["usage"] for e in sse_data(got.decode()) if e != "[DONE]" and json.loads(e).get("usage")]
         assert len(usage) == 1
         spent += price(usage[0]["prompt_tokens"], usage[0]["completion_tokens"])
-        assert (Decimal(repr(info["balance"])), Decimal(repr(info["spent"]))) == (
+        assert (Decimal(info["balance"]), Decimal(info["spent"])) == (
             to_credits(opening - spent), to_credits(spent)), f"stream {i}: the charge was not settled at [DONE]"
     http.close()
     other.close()
@@ -587,7 +587,7 @@ def test_key_endpoint_exact_and_not_counted(gw):
         return body["data"]
 
     first = info()
-    assert first == {"name": name, "balance": 1.234567, "spent": 0, "rpm": 5, "rpd": 7,
+    assert first == {"name": name, "balance": "1.234567", "spent": "0", "rpm": 5, "rpd": 7,
                      "remaining_rpm": 5, "remaining_rpd": 7, "budget": None, "budget_period": None,
                      "budget_spent": None, "budget_resets_at": None, "models": ["*"], "expires_at": None,
                      "max_parallel": None}
@@ -601,9 +601,9 @@ def test_key_endpoint_exact_and_not_counted(gw):
     assert row["request_id"] == resp.headers["X-Request-Id"] and row["charge"] == charge
 
     after = info()
-    assert Decimal(repr(after["balance"])) == to_credits(1_234_567 - charge)
-    assert Decimal(repr(after["spent"])) == to_credits(charge)
-    assert isinstance(after["balance"], (int, float)) and isinstance(after["spent"], (int, float))
+    assert Decimal(after["balance"]) == to_credits(1_234_567 - charge)
+    assert Decimal(after["spent"]) == to_credits(charge)
+    assert isinstance(after["balance"], str) and isinstance(after["spent"], str)     # decimal strings (issue 18)
     assert (after["remaining_rpm"], after["remaining_rpd"]) == (4, 6)
     assert info() == after
     http.close()

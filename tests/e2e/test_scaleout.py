@@ -27,6 +27,7 @@ import threading
 import time
 import uuid
 from collections import Counter
+from decimal import Decimal
 from pathlib import Path
 
 import pytest
@@ -411,7 +412,7 @@ def test_key_changes_propagate_to_every_instance(cluster):
     # top-up through A: balances are never cached, paid requests pass on both
     a.cli("keys", "topup", name, "1")
     done = time.monotonic()
-    _everywhere_within(cluster, done, lambda gw: key_info(gw, key).json()["data"]["balance"] > 0, "top-up")
+    _everywhere_within(cluster, done, lambda gw: Decimal(key_info(gw, key).json()["data"]["balance"]) > 0, "top-up")
     for gw in (a, b):
         assert post(gw, key, paid).status_code == 200
 

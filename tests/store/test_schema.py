@@ -139,7 +139,7 @@ def test_upgrade_from_the_first_released_schema(gateway_factory, database, tmp_p
                         timeout=10).status_code == 200
     resp = requests.get(gw.base_url + "/key", headers={"Authorization": f"Bearer {OLD_KEY}"}, timeout=10)
     assert resp.status_code == 200
-    assert resp.json()["data"]["balance"] == 4 and resp.json()["data"]["spent"] == 1 and resp.json()["data"]["rpm"] == 7
+    assert resp.json()["data"]["balance"] == "4" and resp.json()["data"]["spent"] == "1" and resp.json()["data"]["rpm"] == 7
     out = gw.client(OLD_KEY).chat.completions.create(model="paid-model", messages=MSG, max_tokens=20)
     assert out.choices[0].message.content.startswith("tok0")
     by_model = gw.cli("usage", "--by", "model", "--json").stdout
