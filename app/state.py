@@ -19,6 +19,7 @@ from .keys import effective_limit
 from .limits.ratelimit import RateLimiter
 from .upstream.streams import OpenStreams
 from .upstream.client import UpstreamClient
+from .upstream.routing import Router
 
 
 @dataclass
@@ -30,6 +31,8 @@ class State:
     streams: OpenStreams = field(default_factory=OpenStreams)
     #: Called once per finished chat request with (lease, outcome): logs and metrics hook in here.
     finish_hooks: list[Callable] = field(default_factory=list)
+    #: Routes, key pools, fallbacks and cool-downs around ``upstream`` (app/upstream/routing.py).
+    router: Router | None = None
 
     def finish(self, lease, outcome) -> None:
         for hook in self.finish_hooks:

@@ -492,5 +492,5 @@ def test_usage_counts_refusals_by_reason(cli):
 
 def test_db_messages_speak_in_the_singular_for_one(tmp_path):
     cli = Cli(tmp_path)
-    assert cli("db", "upgrade").stdout == "upgraded the schema to version 3 (step 3)\n"
+    assert cli("db", "upgrade").stdout == "upgraded the schema to version 4 (step 4)\n"
     assert cli("db", "recover").stdout == ""           # quiet when nothing was left held

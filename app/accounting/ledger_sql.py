@@ -37,7 +37,7 @@ class Statements:
         self.hold = (f"INSERT INTO {usage} ({', '.join(q(c) for c in hold_columns)}) "
                      f"VALUES ({', '.join([p] * len(hold_columns))})")
         settle_columns = ("state", "charge", "prompt_tokens", "completion_tokens", "estimated", "status",
-                          "outcome", "latency_ms", "ttfb_ms")
+                          "outcome", "latency_ms", "ttfb_ms", "answered_model", "provider", "attempts")
         self.settle_row = (f"UPDATE {usage} SET {', '.join(f'{q(c)} = {p}' for c in settle_columns)} "
                            f"WHERE {q('request_id')} = {p} AND {q('state')} = {p}")
         self.give_back = (f"UPDATE {key} SET {q('balance')} = {q('balance')} + {p}, "

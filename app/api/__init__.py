@@ -50,3 +50,4 @@ def _headers(resp: Response) -> Response:
 
 # The routes register themselves on ``bp``; imported last because they import ``bp`` from here.
 from . import routes  # noqa: E402,F401
+from . import providers  # noqa: E402,F401

@@ -17,6 +17,7 @@ from ..accounting import billing
 from ..accounting.billing import MAX_TOKENS
 from ..upstream import guard
 from ..upstream import proxy
+from ..upstream import routing
 from ..auth import authenticate
 from ..errors import InvalidRequest
 from ..errors import ModelNotFound
@@ -31,7 +32,7 @@ from . import bp
 def list_models() -> Response:
     """The catalogue, in OpenAI's list shape."""
     data = [{"id": m.id, "object": "model", "created": 0, "owned_by": m.owned_by}
-            for m in state().catalog.models.values()]
+            for m in state().catalog.models.values() if not routing.missing_keys(m)]    # uncallable: left out
     return jsonify({"object": "list", "data": data})
 
 
@@ -66,7 +67,7 @@ def chat_completions() -> Response:
                          "path": request.path, "remote_addr": request.remote_addr}
         g.boundless_lease = lease              # from here on, the finish hooks report this request
         out, status, headers = proxy.forward(gw.upstream, model, body, lease, started, gw.finish, gw.streams,
-                                             request.environ.get("gunicorn.socket"))
+                                             request.environ.get("gunicorn.socket"), router=gw.router)
         if not isinstance(out, bytes):
             out = guard.stream_net(out, lease)
     return Response(out, status=status, headers=headers)

@@ -123,7 +123,7 @@ def test_upgrade_from_the_first_released_schema(gateway_factory, database, tmp_p
     with pytest.raises(RuntimeError, match="boundless db upgrade"):
         gw.start()
 
-    assert gw.cli("db", "upgrade").stdout == "upgraded the schema to version 3 (steps 2, 3)\n"
+    assert gw.cli("db", "upgrade").stdout == "upgraded the schema to version 4 (steps 2, 3, 4)\n"
     assert "already current" in gw.cli("db", "upgrade").stdout
 
     gw = gateway_factory(database_url=database.url)
