@@ -106,8 +106,9 @@ def test_an_unreachable_storage_never_fails_a_request():
 
 @pytest.mark.parametrize("value, low, high", [
     (None, 0, 0), ("", 0, 0), ("12", 12, 12), ("1.5", 1.5, 1.5), ("-3", 0, 0), ("soon", 0, 0), ("nan", 0, 0),
-    ("999999", 3600, 3600),
-    (email.utils.formatdate(time.time() + 100, usegmt=True), 90, 101),
+    ("999999", 3600, 3600), ("in 100 s, as an HTTP date", 90, 101), ("Sun, 06 Nov 1994 08:49:37 GMT", 0, 0),
 ])
 def test_retry_after(value, low, high):
+    if value and value.startswith("in 100 s"):             # made now, not when the tests were collected
+        value = email.utils.formatdate(time.time() + 100, usegmt=True)
     assert low <= retry_after(value) <= high
