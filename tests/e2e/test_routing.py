@@ -359,7 +359,7 @@ def test_providers_check(tmp_path, fakes):
     assert rows[("good", "K")]["status"] == "ok" and rows[("plain", "K")]["status"] == "ok"
     assert plain.calls == [("sk-fine", "plain-up", False)]                # no /models: a one-token chat instead
     assert rows[("locked", "K")]["status"] == "ok"
-    assert rows[("locked", "K_BAD")]["status"] == "failing" and rows[("locked", "K_BAD")]["error"].startswith("HTTP 401")
+    assert rows[("locked", "K_BAD")]["status"] == "failing"
     assert rows[("locked", "K_UNSET")]["error"] == "K_UNSET is not set"
     assert rows[("locked", "K_BAD")]["error"] == "HTTP 401: Incorrect API key provided: ***"    # key masked
     table = gw.cli("providers", "check", "--model", "m", check=False)
