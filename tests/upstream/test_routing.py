@@ -90,6 +90,34 @@ def test_cool_downs_are_shared_through_the_storage_and_cheap_when_idle(monkeypat
     assert two.active()[cd.route_entry("p", "p-up")] >= longer - 1.5
 
 
+@pytest.mark.parametrize("kind", ["sqlite", "redis", "memcached"])
+def test_every_shared_storage_carries_cool_downs_and_their_end(kind, tmp_path):
+    """Two processes' views on one storage of each kind the gateway shares counters on."""
+    from limits.storage import storage_from_string
+
+    import app.limits.sqlite_storage  # noqa: F401  (registers sqlite://)
+    from support import Memcached
+    from support import flush_redis
+
+    server = Memcached() if kind == "memcached" else None
+    uri = {"sqlite": f"sqlite:///{tmp_path / 'rl.db'}", "redis": flush_redis(14)}.get(kind) or server.uri
+    try:
+        entry = cd.key_entry("p", "P_KEY")
+        one, two = Cooldowns(storage_from_string(uri), [entry]), Cooldowns(storage_from_string(uri), [entry])
+        assert two.active() == {}
+        until = one.cool(entry, 40, "HTTP 429")
+        two._next_refresh = 0
+        assert abs(two.active()[entry] - until) <= 1.5
+        longer = one.cool(entry, 200)                 # replaces the entry: its expiry is the new end
+        two._next_refresh = 0
+        assert abs(two.active()[entry] - longer) <= 1.5
+    finally:
+        if server:
+            server.stop()
+        if kind == "redis":
+            flush_redis(14)
+
+
 def test_an_unreachable_storage_never_fails_a_request():
     class Broken(MemoryStorage):
         def get(self, key):
