@@ -26,7 +26,9 @@ from .limits.ratelimit import RateLimiter
 from .settings import default_ratelimit_storage
 from .settings import from_env
 from .state import State
+from .upstream import routing
 from .upstream.client import UpstreamClient
+from .upstream.cooldowns import Cooldowns
 
 
 def create_app(test_config: dict | None = None) -> Flask:
@@ -53,13 +55,18 @@ def create_app(test_config: dict | None = None) -> Flask:
     cat = catalog.load(app.config["BOUNDLESS_CONFIG"])
     storage = app.config["BOUNDLESS_RATELIMIT_STORAGE"] or default_ratelimit_storage(
         app.config["BOUNDLESS_DATABASE_URL"])
+    limiter = RateLimiter(storage, cat.limits.day_timezone)
+    upstream = UpstreamClient(float(app.config["BOUNDLESS_UPSTREAM_CONNECT_TIMEOUT"]),
+                              float(app.config["BOUNDLESS_UPSTREAM_READ_TIMEOUT"]),
+                              max_body=int(app.config["BOUNDLESS_UPSTREAM_MAX_BODY_BYTES"]))
+    # Cool-downs live beside the rate-limit counters: shared by every worker and instance on that storage.
+    cooldowns = Cooldowns(limiter.storage, routing.known_entries(cat))
     app.extensions["boundless"] = State(
         catalog=cat,
-        limiter=RateLimiter(storage, cat.limits.day_timezone),
+        limiter=limiter,
         keys=KeyCache(float(app.config["BOUNDLESS_KEY_CACHE_SECONDS"])),
-        upstream=UpstreamClient(float(app.config["BOUNDLESS_UPSTREAM_CONNECT_TIMEOUT"]),
-                                float(app.config["BOUNDLESS_UPSTREAM_READ_TIMEOUT"]),
-                                max_body=int(app.config["BOUNDLESS_UPSTREAM_MAX_BODY_BYTES"])),
+        upstream=upstream,
+        router=routing.Router(upstream, cooldowns, cat.routing),
     )
 
     from . import api

@@ -21,6 +21,7 @@ import tomllib
 import zoneinfo
 from dataclasses import dataclass
 from dataclasses import field
+from dataclasses import replace
 from decimal import Decimal
 from pathlib import Path
 
@@ -32,7 +33,10 @@ DEFAULT_MAX_OUTPUT_TOKENS = 8192
 
 _LIMIT_KEYS = {"rpm", "rpd", "day_timezone"}
 _PROVIDER_KEYS = {"base_url", "api_key_env", "headers", "proxy", "ca_bundle", "responses", "api"}
-_MODEL_KEYS = {"provider", "upstream_model", "owned_by", "input_price", "output_price", "max_output_tokens", "kind"}
+_MODEL_KEYS = {"provider", "upstream_model", "owned_by", "input_price", "output_price", "max_output_tokens", "kind",
+               "routes", "fallback_models"}
+_ROUTE_KEYS = {"provider", "upstream_model", "weight"}
+_ROUTING_KEYS = {"attempts", "cooldown_seconds"}
 
 #: The APIs a provider may speak (``api``): OpenAI's (``base_url`` ends in ``/v1``) or Anthropic's Messages
 #: API (``base_url`` is the Anthropic root, ``/v1/messages`` is appended).
@@ -40,13 +44,14 @@ APIS = ("openai", "anthropic")
 
 #: What a model serves (``kind``): chat (``/chat/completions``, ``/responses``, ``/messages``) or embeddings.
 KINDS = ("chat", "embedding")
-_TOP_KEYS = {"limits", "providers", "models"}
+_TOP_KEYS = {"limits", "providers", "models", "routing"}
 
 
 @dataclass(frozen=True)
 class Provider:
     name: str
     base_url: str
+    #: The first (or only) key variable of the provider's pool; None: the provider takes no key.
     api_key_env: str | None
     headers: dict[str, str] = field(default_factory=dict)
     #: None: the proxy variables of the environment decide; "": no proxy; else the proxy URL for this provider.
@@ -57,6 +62,12 @@ class Provider:
     responses: bool = False
     #: The API it speaks, one of :data:`APIS`.
     api: str = "openai"
+    #: Every key variable of the provider's pool, in the catalogue's order (``api_key_env`` is the first).
+    api_key_envs: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if not self.api_key_envs and self.api_key_env:
+            object.__setattr__(self, "api_key_envs", (self.api_key_env,))
 
     @property
     def chat_url(self) -> str:
@@ -72,7 +83,24 @@ class Provider:
 
 
 @dataclass(frozen=True)
+class Route:
+    """One way to serve a model: a provider and the model's name there.
+
+    ``group`` is the route's position: consecutive routes that each have a ``weight`` share one position and
+    split its traffic by weight; every other route has a position of its own.
+    """
+
+    provider: Provider
+    upstream_model: str
+    weight: int | None = None
+    group: int = 0
+
+
+@dataclass(frozen=True)
 class Model:
+    """A catalogue model. ``provider`` / ``upstream_model`` are its first route's (a model written with
+    ``provider = ...`` has exactly that one route); ``fallbacks`` are the models of ``fallback_models``."""
+
     id: str
     provider: Provider
     upstream_model: str
@@ -82,6 +110,12 @@ class Model:
     max_output_tokens: int = DEFAULT_MAX_OUTPUT_TOKENS
     #: What it serves, one of :data:`KINDS`.
     kind: str = "chat"
+    routes: tuple[Route, ...] = ()
+    fallbacks: tuple["Model", ...] = ()
+
+    def __post_init__(self) -> None:
+        if not self.routes:
+            object.__setattr__(self, "routes", (Route(self.provider, self.upstream_model),))
 
     @property
     def paid(self) -> bool:
@@ -96,11 +130,21 @@ class Limits:
 
 
 @dataclass(frozen=True)
+class Routing:
+    """``[routing]``: upstream calls per request at most (all routes and keys together), and how long a key
+    or route that failed is skipped."""
+
+    attempts: int = 3
+    cooldown_seconds: int = 30
+
+
+@dataclass(frozen=True)
 class Catalog:
     limits: Limits
     providers: dict[str, Provider]
     models: dict[str, Model]
     path: str = ""
+    routing: Routing = field(default_factory=Routing)
 
     def resolve(self, model_id: str) -> Model | None:
         return self.models.get(model_id)
@@ -223,11 +267,15 @@ def load(path: str | os.PathLike) -> Catalog:
 def parse(data: dict, where: _Where) -> Catalog:
     for key in data:
         if key not in _TOP_KEYS:
-            raise where.error(f"unknown top-level key {key!r} (expected one of: limits, providers, models)", (), key)
+            raise where.error(f"unknown top-level key {key!r} (expected one of: limits, providers, models, "
+                              f"routing)", (), key)
     limits = _parse_limits(data.get("limits", {}), where)
     providers = {name: _parse_provider(name, spec, where) for name, spec in _table(data, "providers", where).items()}
-    models = {mid: _parse_model(mid, spec, providers, where) for mid, spec in _table(data, "models", where).items()}
-    return Catalog(limits=limits, providers=providers, models=models, path=where.path)
+    specs = _table(data, "models", where)
+    models = {mid: _parse_model(mid, spec, providers, where) for mid, spec in specs.items()}
+    models = _with_fallbacks(models, specs, where)
+    return Catalog(limits=limits, providers=providers, models=models, path=where.path,
+                   routing=_parse_routing(data.get("routing", {}), where))
 
 
 def _table(data: dict, name: str, where: _Where) -> dict:
@@ -297,8 +345,10 @@ def _parse_provider(name: str, spec: dict, where: _Where) -> Provider:
     if responses and api != "openai":
         raise where.error('responses = true needs api = "openai" (the Responses API is OpenAI\'s)', table,
                           "responses")
-    return Provider(name=name, base_url=base_url, api_key_env=_str(spec, "api_key_env", table, where),
-                    headers=dict(headers), proxy=proxy, ca_bundle=ca_bundle, responses=responses, api=api)
+    pool = _key_pool(spec, table, where)
+    return Provider(name=name, base_url=base_url, api_key_env=pool[0] if pool else None,
+                    headers=dict(headers), proxy=proxy, ca_bundle=ca_bundle, responses=responses, api=api,
+                    api_key_envs=pool)
 
 
 def _choice(spec: dict, key: str, allowed: tuple[str, ...], table: tuple[str, ...], where: _Where) -> str:
@@ -307,6 +357,28 @@ def _choice(spec: dict, key: str, allowed: tuple[str, ...], table: tuple[str, ..
     if value not in allowed:
         raise where.error(f"{key} must be one of {', '.join(repr(a) for a in allowed)}, not {value!r}", table, key)
     return value
+
+
+def _key_pool(spec: dict, table: tuple[str, ...], where: _Where) -> tuple[str, ...]:
+    """``api_key_env``: one variable name, or a list of them (a pool of keys, tried in turn)."""
+    value = spec.get("api_key_env")
+    if value is None:
+        return ()
+    names = value if isinstance(value, list) else [value]
+    if not names or not all(isinstance(n, str) and re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", n) for n in names) \
+            or len(set(names)) != len(names):
+        raise where.error(f"api_key_env must be an environment variable name or a list of distinct ones, "
+                          f"not {value!r}", table, "api_key_env")
+    return tuple(names)
+
+
+def _parse_routing(spec: dict, where: _Where) -> Routing:
+    table = ("routing",)
+    if not isinstance(spec, dict):
+        raise where.error("[routing] must be a table", table)
+    _unknown(spec, _ROUTING_KEYS, table, where)
+    return Routing(attempts=_int(spec, "attempts", 3, table, where, minimum=1),
+                   cooldown_seconds=_int(spec, "cooldown_seconds", 30, table, where))
 
 
 def _price(spec: dict, key: str, table: tuple[str, ...], where: _Where) -> Decimal:
@@ -327,19 +399,74 @@ def _price(spec: dict, key: str, table: tuple[str, ...], where: _Where) -> Decim
 def _parse_model(mid: str, spec: dict, providers: dict[str, Provider], where: _Where) -> Model:
     table = ("models", mid)
     _unknown(spec, _MODEL_KEYS, table, where)
-    pname = _str(spec, "provider", table, where)
-    if pname is None:
-        raise where.error("provider is required", table)
-    if pname not in providers:
-        raise where.error(f"model {mid!r} names provider {pname!r}, which is not defined in [providers]",
-                          table, "provider")
+    if "routes" in spec:
+        if "provider" in spec or "upstream_model" in spec:
+            raise where.error("a model has either routes or provider/upstream_model, not both", table, "routes")
+        routes = _parse_routes(mid, spec["routes"], providers, table, where)
+    else:
+        pname = _str(spec, "provider", table, where)
+        if pname is None:
+            raise where.error("provider (or routes) is required", table)
+        if pname not in providers:
+            raise where.error(f"model {mid!r} names provider {pname!r}, which is not defined in [providers]",
+                              table, "provider")
+        routes = (Route(providers[pname], _str(spec, "upstream_model", table, where, mid)),)
     return Model(
         id=mid,
-        provider=providers[pname],
-        upstream_model=_str(spec, "upstream_model", table, where, mid),
-        owned_by=_str(spec, "owned_by", table, where, pname),
+        provider=routes[0].provider,
+        upstream_model=routes[0].upstream_model,
+        owned_by=_str(spec, "owned_by", table, where, routes[0].provider.name),
         input_price=_price(spec, "input_price", table, where),
         output_price=_price(spec, "output_price", table, where),
         max_output_tokens=_int(spec, "max_output_tokens", DEFAULT_MAX_OUTPUT_TOKENS, table, where, minimum=1),
         kind=_choice(spec, "kind", KINDS, table, where),
+        routes=routes,
     )
+
+
+def _parse_routes(mid: str, value, providers: dict[str, Provider], table: tuple[str, ...],
+                  where: _Where) -> tuple[Route, ...]:
+    """``routes = [{provider, upstream_model, weight}, ...]``: tried in order; consecutive weighted routes
+    share one position."""
+    if not isinstance(value, list) or not value or not all(isinstance(r, dict) for r in value):
+        raise where.error("routes must be a non-empty list of tables like { provider = \"NAME\" }", table, "routes")
+    routes: list[Route] = []
+    group = -1
+    for spec in value:
+        for key in spec:
+            if key not in _ROUTE_KEYS:
+                raise where.error(f"unknown key {key!r} in a route of {mid!r} (allowed: "
+                                  f"{', '.join(sorted(_ROUTE_KEYS))})", table, "routes")
+        pname = _str(spec, "provider", table, where)
+        if pname is None or pname not in providers:
+            raise where.error(f"a route of model {mid!r} names provider {pname!r}, which is not defined in "
+                              f"[providers]", table, "routes")
+        weight = None
+        if "weight" in spec:
+            weight = _int(spec, "weight", 1, table, where, minimum=1)
+        if weight is None or not routes or routes[-1].weight is None:
+            group += 1
+        upstream = _str(spec, "upstream_model", table, where, mid)
+        if any(r.provider.name == pname and r.upstream_model == upstream for r in routes):
+            raise where.error(f"model {mid!r} has the route {pname}/{upstream} twice", table, "routes")
+        routes.append(Route(providers[pname], upstream, weight, group))
+    return tuple(routes)
+
+
+def _with_fallbacks(models: dict[str, Model], specs: dict, where: _Where) -> dict[str, Model]:
+    """Attach each model's ``fallback_models`` (other catalogue models, in order; their own fallbacks are
+    not followed)."""
+    out = dict(models)
+    for mid, spec in specs.items():
+        if "fallback_models" not in spec:
+            continue
+        table = ("models", mid)
+        names = spec["fallback_models"]
+        if not isinstance(names, list) or not all(isinstance(n, str) for n in names) or len(set(names)) != len(names):
+            raise where.error("fallback_models must be a list of distinct model ids", table, "fallback_models")
+        for name in names:
+            if name == mid or name not in models:
+                raise where.error(f"fallback model {name!r} of {mid!r} is not another model of the catalogue",
+                                  table, "fallback_models")
+        out[mid] = replace(models[mid], fallbacks=tuple(models[n] for n in names))
+    return out

@@ -45,6 +45,8 @@ from .store.models import db
 from .store.models import backup_sqlite
 from .store.models import make_database
 from .settings import ROOT
+from .upstream import probe
+from .upstream.client import UpstreamClient
 from .settings import from_env
 from .text import plural
 from .text import redact
@@ -600,6 +602,38 @@ def db_recover(owner: str | None, silent: float | None) -> None:
         n = settle_owner(owner) if owner else settle_silent(**({"silent": silent} if silent is not None else {}))
     if n:                                    # quiet when there is nothing to say (it runs at every start)
         click.echo(f"settled {plural(n, 'request')} left by dead workers")
+
+
+# --------------------------------------------------------------------------------------------------
+# providers
+# --------------------------------------------------------------------------------------------------
+
+@main.group("providers")
+def providers_group() -> None:
+    """Check the catalogue's providers."""
+
+
+@providers_group.command("check")
+@click.option("--model", "model_id", default=None, help="Only the providers of this model's routes and fallbacks.")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def providers_check(model_id: str | None, as_json: bool) -> None:
+    """Call every provider with every key; exit 1 if any fails."""
+    cfg = _settings()
+    cat = load_catalog(cfg["BOUNDLESS_CONFIG"])
+    if model_id is not None and model_id not in cat.models:
+        raise click.UsageError(f"no model {model_id!r} in the catalogue {cat.path}")
+    client = UpstreamClient(float(cfg["BOUNDLESS_UPSTREAM_CONNECT_TIMEOUT"]),
+                            float(cfg["BOUNDLESS_UPSTREAM_READ_TIMEOUT"]),
+                            max_body=int(cfg["BOUNDLESS_UPSTREAM_MAX_BODY_BYTES"]))
+    results = probe.check_all(client, cat, model_id)
+    if as_json:
+        click.echo(json.dumps([r.as_dict() for r in results], indent=2))
+    else:
+        _table(["PROVIDER", "KEY", "STATUS", "LATENCY", "ERROR"],
+               [[r.provider, r.key_env, r.status, None if r.latency_ms is None else f"{r.latency_ms:.0f} ms",
+                 r.error] for r in results])
+    if not all(r.ok for r in results):
+        sys.exit(1)
 
 
 def _table(header: list, rows: list[list]) -> None:

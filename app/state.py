@@ -21,6 +21,7 @@ from .limits.parallel import ParallelSlots
 from .limits.ratelimit import RateLimiter
 from .upstream.streams import OpenStreams
 from .upstream.client import UpstreamClient
+from .upstream.routing import Router
 
 
 @dataclass
@@ -32,6 +33,9 @@ class State:
     streams: OpenStreams = field(default_factory=OpenStreams)
     #: Called once per finished chat request with (lease, outcome): logs and metrics hook in here.
     finish_hooks: list[Callable] = field(default_factory=list)
+    #: Routes, key pools, fallbacks and cool-downs around ``upstream`` (app/upstream/routing.py).
+    router: Router | None = None
+
     #: The keys' parallel slots (``--max-parallel``), on the limiter's storage.
     parallel: ParallelSlots | None = None
 

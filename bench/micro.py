@@ -28,6 +28,7 @@ import subprocess
 import tempfile
 import time
 import uuid
+from dataclasses import replace
 from decimal import Decimal
 from pathlib import Path
 
@@ -173,11 +174,41 @@ def upstream_rows(tmp: Path, n: int) -> list[tuple[str, float, float]]:
                 buf += sock.recv(65536)
 
         rows = [("bare socket (the mock and loopback)", *timed(bare_socket, n)),
-                ("app.upstream.client (requests, one Session)", *timed(gateway_client, n))]
+                ("app.upstream.client (requests, one Session)", *timed(gateway_client, n)),
+                *routing_rows(tmp, client, model, payload, n)]
         sock.close()
         return rows
     finally:
         procs.close()
+
+
+def routing_rows(tmp: Path, client, model: Model, payload: bytes, n: int) -> list[tuple[str, float, float]]:
+    """The same call through app.upstream.routing when the first route answers: a one-route model, and one with
+    two routes, a pool of two keys and a fallback model, its cool-downs on the SQLite rate-limit storage."""
+    from limits.storage import storage_from_string
+
+    from app.catalog import Catalog
+    from app.catalog import Limits
+    from app.catalog import Route
+    from app.catalog import Routing
+    from app.upstream.cooldowns import Cooldowns
+    from app.upstream.routing import Router
+    from app.upstream.routing import known_entries
+
+    os.environ.setdefault("BENCH_KEY_A", "a")
+    os.environ.setdefault("BENCH_KEY_B", "b")
+    pool = replace(model.provider, name="pool", api_key_env="BENCH_KEY_A", api_key_envs=("BENCH_KEY_A", "BENCH_KEY_B"))
+    routed = replace(model, id="routed", provider=pool, routes=(Route(pool, "mock-model"),
+                     Route(model.provider, "mock-model", None, 1)), fallbacks=(model,))
+    storage = storage_from_string(f"sqlite:///{tmp / 'ratelimit.db'}")
+    catalog = Catalog(Limits(), {}, {"bench": model, "routed": routed})
+    router = Router(client, Cooldowns(storage, known_entries(catalog)), Routing())
+
+    def through(m: Model):
+        return lambda: client.read_body(router.open(m, lambda _: payload, False)[0], "mock")
+
+    return [("app.upstream.routing, one route", *timed(through(model), n)),
+            ("app.upstream.routing, 2 routes + key pool + fallback", *timed(through(routed), n))]
 
 
 def table(title: str, rows: list[tuple[str, float, float]], baseline: float | None = None) -> str:

@@ -1,6 +1,7 @@
 """The TOML catalogue: the shipped file loads, and every mistake is refused with its line."""
 from __future__ import annotations
 
+import re
 import textwrap
 from decimal import Decimal
 
@@ -221,3 +222,59 @@ def test_bad_kind_responses_or_api_is_refused_with_its_line(tmp_path, extra, lin
         load(tmp_path, text)
     n = text.splitlines().index(line) + 1
     assert f"c.toml:{n}:" in str(err.value) and words in str(err.value)
+
+
+ROUTED = GOOD + """
+[providers.q]
+base_url = "http://127.0.0.1:9/v2"
+api_key_env = ["Q_KEY_A", "Q_KEY_B"]
+
+[models."routed"]
+input_price = 1
+routes = [
+  { provider = "p", upstream_model = "p-up" },
+  { provider = "q", upstream_model = "q-up", weight = 3 },
+  { provider = "p", upstream_model = "p-other", weight = 1 },
+  { provider = "q" },
+]
+fallback_models = ["m-paid", "m-free"]
+
+[routing]
+attempts = 5
+cooldown_seconds = 12
+"""
+
+
+def test_routes_key_pools_fallbacks_and_routing(tmp_path):
+    cat = load(tmp_path, ROUTED)
+    routed = cat.models["routed"]
+    assert [(r.provider.name, r.upstream_model, r.weight, r.group) for r in routed.routes] == [
+        ("p", "p-up", None, 0), ("q", "q-up", 3, 1), ("p", "p-other", 1, 1), ("q", "routed", None, 2)]
+    assert (routed.provider.name, routed.upstream_model) == ("p", "p-up")         # its first route's
+    assert [m.id for m in routed.fallbacks] == ["m-paid", "m-free"]
+    assert cat.providers["q"].api_key_envs == ("Q_KEY_A", "Q_KEY_B") and cat.providers["q"].api_key_env == "Q_KEY_A"
+    assert cat.routing.attempts == 5 and cat.routing.cooldown_seconds == 12
+    # today's catalogue: one route per model, the defaults for [routing]
+    plain = load(tmp_path, GOOD)
+    assert [(r.provider.name, r.upstream_model) for r in plain.models["m-paid"].routes] == [("p", "up-paid")]
+    assert plain.providers["p"].api_key_envs == ("P_KEY",) and plain.models["m-paid"].fallbacks == ()
+    assert plain.routing.attempts == 3 and plain.routing.cooldown_seconds == 30
+
+
+@pytest.mark.parametrize("old, new, words", [
+    ('{ provider = "q" },', '{ provider = "nope" },', "names provider 'nope'"),
+    ('{ provider = "q" },', '{ provider = "q", price = 1 },', "unknown key 'price' in a route"),
+    ('{ provider = "q" },', '{ provider = "p", upstream_model = "p-up" },', "route p/p-up twice"),
+    ('weight = 3', 'weight = 0', "weight must be an integer >= 1"),
+    ('"m-paid", "m-free"]', '"m-paid", "ghost"]', "fallback model 'ghost'"),
+    ('"m-paid", "m-free"]', '"routed"]', "fallback model 'routed'"),
+    ('["Q_KEY_A", "Q_KEY_B"]', '["Q_KEY_A", "Q_KEY_A"]', "api_key_env must be"),
+    ('["Q_KEY_A", "Q_KEY_B"]', '[]', "api_key_env must be"),
+    ("attempts = 5", "attempts = 0", "attempts must be an integer >= 1"),
+    ("cooldown_seconds = 12", "cooldown = 12", "unknown key 'cooldown' in [routing]"),
+    ('input_price = 1\nroutes', 'provider = "p"\nroutes', "either routes or provider"),
+])
+def test_routing_mistakes_are_refused(tmp_path, old, new, words):
+    assert old in ROUTED
+    with pytest.raises(ConfigurationError, match=r"c\.toml:\d+: .*" + re.escape(words)):
+        load(tmp_path, ROUTED.replace(old, new, 1))

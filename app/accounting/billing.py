@@ -208,6 +208,11 @@ class Outcome:
     latency_ms: float | None = None
     #: (charge, prompt_tokens, completion_tokens, estimated) as settle() wrote them to the ledger.
     settled: tuple[int, int, int, bool] | None = None
+    #: The catalogue model that answered (the one asked for, or a fallback model): its prices are charged.
+    model: Model | None = None
+    provider: str | None = None         # the provider that answered
+    #: Every upstream call the request took (app/upstream/routing.py), for the ledger, log and metrics.
+    attempts: list[dict] = field(default_factory=list)
 
 
 def reserve(key_id: int, model: Model, body: dict, raw_body: bytes, stream: bool, request_id: str,
@@ -222,17 +227,10 @@ def reserve(key_id: int, model: Model, body: dict, raw_body: bytes, stream: bool
     :raise ServiceUnavailable: the database is unreachable.
     """
     lease = Lease(request_id=request_id, key_id=key_id, model=model, stream=stream, prompt_bytes=len(raw_body))
-    prompt = completion = worst = 0
-    if model.paid and bounds is not None:
-        prompt, completion = bounds.prompt, bounds.completion
-        worst = cost(prompt, completion, model.input_price, model.output_price)
-    elif model.paid:
-        prompt = prompt_upper_bound(body)
-        completion = max_completion_tokens(body, model)
-        worst = cost(prompt, completion, model.input_price, model.output_price)
+    prompt, completion, worst, priciest = _worst_case(model, body, bounds)
     now = datetime.datetime.now(datetime.timezone.utc)      # one instant for the row and the budget's period
     if worst > _MAX_RESERVATION:         # no balance can hold it, and the database could not even store it
-        return _refuse(key_id, prompt, completion, worst, model, body, bounds, now, tz)
+        return _refuse(key_id, prompt, completion, worst, priciest, body, bounds, now, tz)
     sql = statements(db)
     lease.created_at = created = now.replace(tzinfo=None)
     hold = (request_id, key_id, model.id, created, "held", stream, worst, 0, 0, 0, False, "", OWNER.get())
@@ -249,9 +247,30 @@ def reserve(key_id: int, model: Model, body: dict, raw_body: bytes, stream: bool
     except PeeweeException as err:
         raise ServiceUnavailable("The credit database is unavailable; try again shortly.") from err
     if taken != 1:
-        return _refuse(key_id, prompt, completion, worst, model, body, bounds, now, tz)
+        return _refuse(key_id, prompt, completion, worst, priciest, body, bounds, now, tz)
     lease.reserved = worst
     return lease
+
+
+def _worst_case(model: Model, body: dict, bounds: Bounds | None) -> tuple[int, int, int, Model]:
+    """(prompt bound, completion bound, cost, model) for the most expensive model that may answer: the one
+    asked for or one of its fallback models (free models: nothing). ``bounds``: the endpoint's own worst case
+    in tokens (None: a chat body's)."""
+    prompt = completion = worst = 0
+    priciest = model
+    prompt_bound = None
+    for candidate in (model, *model.fallbacks):
+        if not candidate.paid:
+            continue
+        if bounds is not None:
+            p, c = bounds.prompt, bounds.completion
+        else:
+            prompt_bound = prompt_upper_bound(body) if prompt_bound is None else prompt_bound
+            p, c = prompt_bound, max_completion_tokens(body, candidate)
+        price = cost(p, c, candidate.input_price, candidate.output_price)
+        if price > worst:
+            prompt, completion, worst, priciest = p, c, price, candidate
+    return prompt, completion, worst, priciest
 
 
 def _refuse(key_id: int, prompt: int, completion: int, worst: int, model: Model, body: dict,
@@ -299,8 +318,9 @@ def _refusal(balance: int, prompt: int, completion: int, worst: int, model: Mode
 
 
 def charge_for(lease: Lease, result: Outcome) -> tuple[int, int, int, bool]:
-    """(charge, prompt_tokens, completion_tokens, estimated) for a finished request."""
-    model = lease.model
+    """(charge, prompt_tokens, completion_tokens, estimated) for a finished request, at the prices of the
+    model that answered."""
+    model = result.model or lease.model
     usage = result.usage
     if usage:
         pt = _int(usage.get("prompt_tokens"))
@@ -334,7 +354,7 @@ def settle(lease: Lease, result: Outcome) -> int:
             _lock_key(execute, key_id)
         claimed = execute(sql.settle_row, (
             "settled", min(charge, reserved), pt, ct, estimated, result.status, result.outcome[:24],
-            result.latency_ms, result.ttfb_ms, request_id, "held")).rowcount
+            result.latency_ms, result.ttfb_ms, *_answered_by(result), request_id, "held")).rowcount
         if claimed != 1:
             return None
         final = charge
@@ -358,6 +378,12 @@ def settle(lease: Lease, result: Outcome) -> int:
     lease.settled = True                 # only once committed: a failed attempt can be made again
     result.settled = (charge, pt, ct, estimated)
     return charge
+
+
+def _answered_by(result: Outcome) -> tuple[str, str, int]:
+    """(answered model, provider, upstream calls) for the ledger row."""
+    return ((result.model.id if result.model else "")[:200], (result.provider or "")[:100],
+            min(len(result.attempts), 32767))
 
 
 #: Settlements that failed (the database was unreachable), retried by the worker's heartbeat thread, so a

@@ -46,7 +46,7 @@ class Statements:
         self.hold = (f"INSERT INTO {usage} ({', '.join(q(c) for c in hold_columns)}) "
                      f"VALUES ({', '.join([p] * len(hold_columns))})")
         settle_columns = ("state", "charge", "prompt_tokens", "completion_tokens", "estimated", "status",
-                          "outcome", "latency_ms", "ttfb_ms")
+                          "outcome", "latency_ms", "ttfb_ms", "answered_model", "provider", "attempts")
         self.settle_row = (f"UPDATE {usage} SET {', '.join(f'{q(c)} = {p}' for c in settle_columns)} "
                            f"WHERE {q('request_id')} = {p} AND {q('state')} = {p}")
         # The period's spending moves by (charge - reserved) only for a row made in the period it counts.

@@ -66,3 +66,4 @@ from . import models  # noqa: E402,F401
 from . import embeddings  # noqa: E402,F401
 from . import responses  # noqa: E402,F401
 from . import messages  # noqa: E402,F401
+from . import providers  # noqa: E402,F401

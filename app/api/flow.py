@@ -112,7 +112,8 @@ def relay(api: Api, key: KeyInfo, model: Model, body: dict, raw: bytes, stream: 
                          "path": request.path, "remote_addr": request.remote_addr}
         g.boundless_lease = lease              # from here on, the finish hooks report this request
         out, status, headers = proxy.forward(gw.upstream, model, body, lease, started, gw.finish, gw.streams,
-                                             request.environ.get("gunicorn.socket"), api, request.headers)
+                                             request.environ.get("gunicorn.socket"), api, request.headers,
+                                             router=gw.router)
         if not isinstance(out, bytes):
             out = guard.stream_net(out, lease, api.sse_error)
     headers[UPSTREAM_MODEL_HEADER] = model.upstream_model

@@ -15,6 +15,7 @@ from flask import jsonify
 from .. import policy
 from ..accounting import billing
 from ..upstream.apis import CHAT
+from ..upstream import routing
 from ..auth import authenticate
 from ..errors import InvalidRequest
 from ..state import state
@@ -27,7 +28,8 @@ def list_models() -> Response:
     """The catalogue models the key may call, in OpenAI's list shape."""
     key = authenticate()
     data = [{"id": m.id, "object": "model", "created": 0, "owned_by": m.owned_by}
-            for m in state().catalog.models.values() if policy.allows(key, m.id)]
+            for m in state().catalog.models.values()
+            if policy.allows(key, m.id) and not routing.missing_keys(m)]    # uncallable: left out
     return jsonify({"object": "list", "data": data})
 
 

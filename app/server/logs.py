@@ -18,11 +18,16 @@ Example access line (one line; wrapped here)::
      "request_id":"req_51289d9a7f314e11b7dc8de5ade58119","method":"POST","path":"/api/v1/chat/completions",
      "status":200,"key_name":"alice","key_prefix":"sk-QCXJs","model":"paid-model","stream":true,
      "upstream_status":200,"prompt_tokens":5,"completion_tokens":5,"charge":"0.015","estimated":false,
-     "latency_ms":263.2,"ttfb_ms":12.1,"outcome":"complete","refused":null,"remote_addr":"127.0.0.1"}
+     "latency_ms":263.2,"ttfb_ms":12.1,"outcome":"complete","refused":null,"remote_addr":"127.0.0.1",
+     "answered_model":"paid-model","provider":"mock","attempts":[{"model":"paid-model","provider":"mock",
+     "upstream_model":"mock-paid","key_env":"MOCK_KEY","result":"http_200","cooled":null,"ms":11.8}]}
 
 ``charge`` is an exact decimal string of credits. ``outcome``, ``upstream_status``, the tokens and the charge
 are null for requests that never reached the upstream; ``refused`` is "minute" / "day" (429 of the key's
-limits) or "credit" (402). The path never includes the query string.
+limits) or "credit" (402). The path never includes the query string. ``attempts`` lists every upstream call
+of the request (routes, keys of a pool, fallback models: app/upstream/routing.py) with its result (``http_<status>``
+or the transport failure's kind) and what it cooled down (``key``, ``route`` or null); ``provider`` and
+``answered_model`` say who answered.
 """
 from __future__ import annotations
 
@@ -97,7 +102,8 @@ def access_line(rep: reporting.Report) -> str:
         "upstream_status": rep.upstream_status, "prompt_tokens": rep.prompt_tokens,
         "completion_tokens": rep.completion_tokens, "charge": credits_str(rep.charge), "estimated": rep.estimated,
         "latency_ms": rep.latency_ms, "ttfb_ms": rep.ttfb_ms, "outcome": rep.outcome, "refused": rep.refused,
-        "remote_addr": rep.remote_addr,
+        "remote_addr": rep.remote_addr, "answered_model": rep.answered_model, "provider": rep.provider,
+        "attempts": rep.attempts,
     })
 
 

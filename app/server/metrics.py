@@ -90,6 +90,19 @@ class Metrics:
         self.credit_refusals = Counter(
             "boundless_credit_refusals", "Requests refused with 402 (insufficient credit) by model.",
             ["model"], **kw)
+        # Per upstream call (app/upstream/routing.py): labels are catalogue names and failure kinds, bounded.
+        self.calls = Counter(
+            "boundless_upstream_calls", "Upstream calls by provider and route (upstream model).",
+            ["provider", "upstream_model"], **kw)
+        self.call_failures = Counter(
+            "boundless_upstream_call_failures", "Upstream calls that failed, by provider, route and reason "
+            "(http_<status> or the transport failure's kind).", ["provider", "upstream_model", "reason"], **kw)
+        self.retries = Counter(
+            "boundless_upstream_retries", "Upstream calls made because an earlier call of the request failed, "
+            "by the provider and route they went to.", ["provider", "upstream_model"], **kw)
+        self.cooldowns = Counter(
+            "boundless_upstream_cooldowns", "Cool-downs started, by provider and what cooled down (key or route).",
+            ["provider", "kind"], **kw)
 
     def _child(self, family, *labels: str):
         """``family.labels(*labels)``, looked up once per label set: prometheus-client checks and locks on
@@ -123,6 +136,20 @@ class Metrics:
             child(self.credits, model).inc(rep.charge / MICRO)
         if rep.outcome in UPSTREAM_FAILURES:
             child(self.upstream_errors, rep.provider or "", rep.outcome).inc()
+        if rep.attempts:
+            self._record_calls(rep.attempts)
+
+    def _record_calls(self, attempts: list[dict]) -> None:
+        child = self._child
+        for i, call in enumerate(attempts):
+            provider, route = call["provider"], call["upstream_model"]
+            child(self.calls, provider, route).inc()
+            if i:
+                child(self.retries, provider, route).inc()
+            if not call["result"].startswith("http_2"):
+                child(self.call_failures, provider, route, call["result"]).inc()
+            if call["cooled"]:
+                child(self.cooldowns, provider, call["cooled"]).inc()
 
 
 def _ensure_multiprocess_values() -> None:

@@ -71,6 +71,8 @@ class Report:
     outcome: str | None = None
     refused: str | None = None             # "minute" | "day" (429 of our limits) | "credit" (402)
     code: str | None = None                # the error's code, for a request refused before the upstream
+    answered_model: str | None = None      # the model that answered (the one asked for, or a fallback)
+    attempts: list[dict] | None = None     # every upstream call the request took (app/upstream/routing.py)
 
 
 Subscriber = Callable[[Report], None]
@@ -174,10 +176,11 @@ def from_finish(lease: Lease, outcome: Outcome, status: int) -> Report:
         ts=time.time(), method=ctx.get("method", "POST"), path=ctx.get("path", ""),
         route=ctx.get("route") or ctx.get("path", ""), status=status, request_id=lease.request_id,
         remote_addr=ctx.get("remote_addr"), key_name=ctx.get("key_name"), key_prefix=ctx.get("key_prefix"),
-        model=lease.model.id, provider=lease.model.provider.name, stream=lease.stream,
+        model=lease.model.id, provider=outcome.provider or lease.model.provider.name, stream=lease.stream,
         upstream_status=outcome.status, prompt_tokens=pt, completion_tokens=ct, charge=charge,
         estimated=estimated, latency_ms=_round(outcome.latency_ms), ttfb_ms=_round(outcome.ttfb_ms),
-        outcome=outcome.outcome)
+        outcome=outcome.outcome, answered_model=outcome.model.id if outcome.model else None,
+        attempts=outcome.attempts)
 
 
 def _round(ms: float | None) -> float | None:

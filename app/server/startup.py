@@ -9,6 +9,7 @@ provider key is only said to be set or not.
 """
 from __future__ import annotations
 
+import os
 import sys
 
 from flask import Flask
@@ -31,10 +32,18 @@ def summary(app: Flask, workers: int, worker_class: str) -> list[str]:
         f"{plural(workers, worker_class + ' worker')}",
     ]
     for provider in cat.providers.values():
-        if provider.api_key_env and not provider.api_key():
-            models = [m.id for m in cat.models.values() if m.provider is provider]
-            lines.append(f"warning: provider {provider.name!r} has no key: {provider.api_key_env} is not set, so "
-                         f"calls to its {plural(len(models), 'model')} will fail")
+        unset = [env for env in provider.api_key_envs if not os.environ.get(env)]
+        if not unset:
+            continue
+        models = [m.id for m in cat.models.values() if any(r.provider is provider for r in m.routes)]
+        if len(unset) == len(provider.api_key_envs):
+            lines.append(f"warning: provider {provider.name!r} has no key: {', '.join(unset)} "
+                         f"{'is' if len(unset) == 1 else 'are'} not set, so calls to its "
+                         f"{plural(len(models), 'model')} will fail")
+        else:
+            lines.append(f"warning: provider {provider.name!r}: {', '.join(unset)} "
+                         f"{'is' if len(unset) == 1 else 'are'} not set, so its pool has "
+                         f"{len(provider.api_key_envs) - len(unset)} of {len(provider.api_key_envs)} keys")
     return lines
 
 

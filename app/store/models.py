@@ -28,6 +28,7 @@ from peewee import FloatField
 from peewee import ForeignKeyField
 from peewee import IntegerField
 from peewee import Model
+from peewee import SQL
 from peewee import SmallIntegerField
 from peewee import SqliteDatabase
 from peewee import TextField
@@ -40,7 +41,7 @@ from .sqlite_busy import begin_immediate
 from .sqlite_writer import WRITER
 
 #: Version of the schema this code runs on; app/store/schema.py has the steps from each earlier version.
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 
 db = DatabaseProxy()
 T = TypeVar("T")
@@ -228,6 +229,10 @@ class Usage(BaseModel):
     latency_ms = FloatField(null=True)
     ttfb_ms = FloatField(null=True)
     owner = CharField(max_length=64, default="", index=True)   # instance:pid of the worker holding it (v2)
+    # v4, filled when the row settles (the held row's INSERT leaves them to the database's defaults):
+    answered_model = CharField(max_length=200, default="", constraints=[SQL("DEFAULT ''")])   # asked for or fallback
+    provider = CharField(max_length=100, default="", constraints=[SQL("DEFAULT ''")])  # who answered; "": none
+    attempts = SmallIntegerField(default=0, constraints=[SQL("DEFAULT 0")])   # upstream calls the request took
 
     class Meta:
         table_name = "usage"

@@ -89,10 +89,24 @@ def _v5_admin_keys_audit_console(migrator: SchemaMigrator) -> list:
     return [lambda: database.execute_sql(f"ALTER TABLE api_key ADD COLUMN admin BOOLEAN NOT NULL DEFAULT {false}")]
 
 
+def _v6_usage_answered_by(migrator: SchemaMigrator) -> list:
+    """v6: a ledger row says which model and provider answered (routes, key pools, fallback models) and
+    how many upstream calls the request took.
+
+    Plain ALTER TABLE ... NOT NULL DEFAULT, as in v3: playhouse's add_column rebuilds the table on SQLite.
+    """
+    database = migrator.database
+    usage = database.quote[0] + "usage" + database.quote[1]          # USAGE is a keyword in MySQL
+    columns = ("answered_model VARCHAR(200) NOT NULL DEFAULT ''", "provider VARCHAR(100) NOT NULL DEFAULT ''",
+               "attempts SMALLINT NOT NULL DEFAULT 0")
+    return [lambda c=c: database.execute_sql(f"ALTER TABLE {usage} ADD COLUMN {c}") for c in columns]
+
+
 #: version reached -> step that takes the schema from version-1 to it.
 STEPS: dict[int, Callable[[SchemaMigrator], list]] = {2: _v2_owner_and_heartbeat, 3: _v3_disabled_unlimited_refusals,
                                                       4: _v4_key_policy,
-                                                      5: _v5_admin_keys_audit_console}
+                                                      5: _v5_admin_keys_audit_console,
+                                                      6: _v6_usage_answered_by}
 
 
 def current_version(database: Database = db) -> int | None:

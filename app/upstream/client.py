@@ -263,6 +263,22 @@ class UpstreamClient:
             raise UpstreamError(f"The provider {provider.name!r} sent an unusable answer: {problem}.")
         return resp
 
+    def get(self, provider: Provider, path: str) -> Response:
+        """GET ``path`` under the provider's base URL with its key, as :meth:`open` calls (``boundless
+        providers check`` reads ``/models`` this way); the body is not read.
+
+        :raise UpstreamError: as :meth:`open`.
+        """
+        session = self.session()
+        route = self._route(provider)
+        headers = _request_headers(provider, False, provider.api_key())
+        url = provider.base_url.rstrip("/") + path
+        try:
+            return session.get(url, headers=headers, stream=True, timeout=self._timeout, verify=route.verify,
+                               proxies=route.proxies, allow_redirects=False)
+        except _TRANSPORT_ERRORS as err:
+            raise failure(provider.name, err, quiet=True) from err
+
     def read_body(self, resp: Response, provider: str) -> bytes:
         """Read a whole (non-stream) body, at most :attr:`max_body` bytes once decoded, translating errors."""
         complete = False

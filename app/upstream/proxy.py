@@ -41,6 +41,9 @@ from .client import UpstreamClient
 from .client import close
 from .client import iter_raw
 from .client import reason
+from .routing import Answer
+from .routing import Router
+from .routing import open_direct
 
 log = logging.getLogger("boundless")
 
@@ -81,9 +84,12 @@ def upstream_failure(resp: Response, body: bytes, model: Model,
 
 def forward(client: UpstreamClient, model: Model, body: dict, lease: Lease, started: float,
             finish: Finish, streams: OpenStreams, client_socket=None, api: Api = CHAT,
-            caller_headers: dict | None = None) -> tuple[Iterator[bytes] | bytes, int, dict]:
+            caller_headers: dict | None = None, router: Router | None = None
+            ) -> tuple[Iterator[bytes] | bytes, int, dict]:
     """Send the request upstream; return (body or stream of bytes, status, headers) for the caller.
 
+    ``router`` picks the route, key and fallback model that answer, retrying before the relay starts
+    (app/upstream/routing.py); without one, the model's first route is called once.
     Failures before anything was relayed raise a :class:`GatewayError` after settling the lease (at no cost).
 
     :param api: the provider API of the call (chat completions by default).
@@ -91,14 +97,14 @@ def forward(client: UpstreamClient, model: Model, body: dict, lease: Lease, star
     """
     stream = lease.stream
     outcome = Outcome()
-    provider = model.provider.name
     what = api.answer
     try:
-        resp = client.open(model, api.payload(body, model, stream), stream, api.path,
-                           api.headers(caller_headers or {}))
+        resp, answer = _open(client, router, model, body, lease, outcome, api, caller_headers or {})
     except GatewayError as err:
-        _finish(lease, outcome, "upstream_unreachable", started, finish)
+        _finish(lease, outcome, "no_route" if err.status == 503 else "upstream_unreachable", started, finish)
         raise err
+    model = answer.candidate.call_model          # what answered: its provider (and key), its upstream name
+    provider = model.provider.name
     outcome.status = status = resp.status_code
     outcome.ttfb_ms = (time.perf_counter() - started) * 1000
 
@@ -136,6 +142,31 @@ def forward(client: UpstreamClient, model: Model, body: dict, lease: Lease, star
     streams.add(resp, client_socket)
     return (relay_stream(resp, lease, outcome, provider, api.relay(body, model), started, finish, streams, api),
             200, {**STREAM_HEADERS, "Content-Type": "text/event-stream; charset=utf-8"})
+
+
+def _open(client: UpstreamClient, router: Router | None, model: Model, body: dict, lease: Lease,
+          outcome: Outcome, api: Api, caller_headers: dict) -> tuple[Response, Answer]:
+    """Open the upstream call (through the router's routes, keys and fallbacks); note on ``outcome`` who
+    answered and every call it took, and on the lease's context the ``X-Boundless-*`` headers for the caller
+    (added to whatever the caller gets, by the view's blueprint)."""
+    stream = lease.stream
+    attempts = outcome.attempts
+    try:
+        payload_for = lambda m: api.payload(body, m, stream)     # noqa: E731 (each route's upstream name)
+        headers = api.headers(caller_headers)
+        if router is None:
+            resp, answer = open_direct(client, model, payload_for, stream, api.path, headers)
+        else:
+            resp, answer = router.open(model, payload_for, stream, attempts, api.path, headers)
+    except GatewayError:
+        if attempts:
+            outcome.provider = attempts[-1]["provider"]
+            lease.context["route_headers"] = {"X-Boundless-Model": attempts[-1]["model"],
+                                              "X-Boundless-Route": attempts[-1]["provider"]}
+        raise
+    outcome.model, outcome.provider, outcome.attempts = answer.model, answer.provider, answer.attempts
+    lease.context["route_headers"] = answer.headers()
+    return resp, answer
 
 
 def _unusable(provider: str, what: str) -> UpstreamError:
