@@ -10,6 +10,8 @@ limits, credit, ledger, logs and metrics.
 """
 from __future__ import annotations
 
+import dataclasses
+
 from flask import Response
 from flask import g
 from flask import request
@@ -85,6 +87,9 @@ def resolve(key: KeyInfo, model_id: str, api: Api) -> Model:
     g.boundless_model = model                  # for the log line and metrics of a refused request
     api.check(model, _endpoint())
     policy.check_model(key, model)             # 403 model_not_allowed: before the limiter, so it costs no hit
+    allowed = tuple(m for m in model.fallbacks if policy.allows(key, m.id))
+    if allowed != model.fallbacks:             # never fall back to a model the key may not call (nor reserve for it)
+        model = dataclasses.replace(model, fallbacks=allowed)
     return model
 
 

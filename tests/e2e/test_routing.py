@@ -367,3 +367,31 @@ def test_providers_check(tmp_path, fakes):
     assert table.stdout.split("\n")[0].split() == ["PROVIDER", "KEY", "STATUS", "LATENCY", "ERROR"]
     assert {tuple(line.split()[:3]) for line in table.stdout.strip().split("\n")[1:]} == {
         ("good", "K", "ok"), ("plain", "K", "ok")}
+
+
+def test_a_key_never_falls_back_to_a_model_it_may_not_call(tmp_path, fakes):
+    """A key limited to `routed` (keys --models) gets the failing route's error, not the fallback's answer: the
+    fallback is outside its allow-list; a key allowed both falls back as usual."""
+    down = fakes("down", "status", 503)
+    good = fakes("good")
+    catalog = (provider("down", down.url, "K_DOWN") + provider("good", good.url, "K_GOOD")
+               + textwrap.dedent("""
+                 [models."routed"]
+                 routes = [{ provider = "down", upstream_model = "down-up" }]
+                 fallback_models = ["backup"]
+
+                 [models."backup"]
+                 routes = [{ provider = "good", upstream_model = "good-up" }]
+                 """))
+    gw = start(tmp_path, catalog, {"K_DOWN": "down-key", "K_GOOD": "good-key"}, workers=1)
+    try:
+        narrow = gw.create_key("narrow", models="routed")
+        with pytest.raises(openai.InternalServerError) as err:           # the route's 503, as a 502
+            raw_chat(gw, narrow, "routed")
+        assert err.value.status_code == 502
+        assert good.calls == []
+        wide = gw.create_key("wide", models="routed,backup")
+        assert raw_chat(gw, wide, "routed").headers["X-Boundless-Model"] == "backup"
+        assert len(good.calls) == 1
+    finally:
+        gw.stop()
