@@ -113,9 +113,9 @@ def seed(url: str, keys: int = 500, rows: int = 1_000_000, days: int = 90, seed_
             cur.executemany(f"INSERT INTO {q.format('credit_entry')} (key_id, amount, kind, created_at) "
                             f"VALUES ({p}, {p}, 'open', {p})",
                             [(k, balances[k] + spent[k], first - datetime.timedelta(days=1)) for k in key_ids])
-        if sqlite:
-            database.execute_sql("ANALYZE")
-        elif postgres:
+            if hasattr(schema, "fill_usage_day"):      # v6 on: the daily roll-up, as `db upgrade` fills it
+                schema.fill_usage_day(database)
+        if sqlite or postgres:
             database.execute_sql("ANALYZE")
     database.close()
     return {"keys": keys, "rows": rows, "seconds": round(time.perf_counter() - started, 1)}
