@@ -293,9 +293,32 @@ class Gateway:
         self.stop()
 
 
+def rolled_up_check() -> None:
+    """Check that the daily roll-up (usage_day) holds, for every (key, UTC day, model), the sums of the
+    settled ledger rows: requests, tokens, charges, estimated (on the bound ``db``)."""
+    from peewee import Case
+    from peewee import fn
+
+    from app.store.models import Usage
+    from app.store.models import UsageDay
+
+    def plain(day):
+        return str(day)[:10]
+
+    ledger = {(k, plain(d), m): (int(n), int(p), int(c), int(ch), int(e)) for k, d, m, n, p, c, ch, e in (
+        Usage.select(Usage.key, fn.DATE(Usage.created_at).coerce(False), Usage.model, fn.COUNT(Usage.id),
+                     fn.SUM(Usage.prompt_tokens), fn.SUM(Usage.completion_tokens), fn.SUM(Usage.charge),
+                     fn.SUM(Case(None, [(Usage.estimated == True, 1)], 0)))     # noqa: E712
+        .where(Usage.state == "settled")
+        .group_by(Usage.key, fn.DATE(Usage.created_at), Usage.model).tuples())}
+    rolled = {(r.key_id, plain(r.day), r.model): (r.requests, r.prompt_tokens, r.completion_tokens, r.charge,
+                                                   r.estimated) for r in UsageDay.select()}
+    assert rolled == ledger, f"the daily roll-up differs from the ledger: {rolled} != {ledger}"
+
+
 def ledger_check(database_url: str) -> dict:
     """Check, straight in the database, that for every key: entries - charges - held = balance, and
-    charges = spent; return {key name: (balance, spent)} in micro-credits."""
+    charges = spent, and that the daily roll-up sums the settled ledger (:func:`rolled_up_check`); return {key name: (balance, spent)} in micro-credits."""
     from peewee import fn
 
     from app.store.models import ApiKey
@@ -319,5 +342,6 @@ def ledger_check(database_url: str) -> dict:
                 f"{key.name}: entries {entries} - charges {charges} - held {held} != balance {key.balance}")
             assert int(charges) == key.spent, f"{key.name}: charges {charges} != spent {key.spent}"
             out[key.name] = (key.balance, key.spent)
+        rolled_up_check()
     db.close()
     return out

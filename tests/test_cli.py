@@ -22,6 +22,8 @@ import requests
 from app import keys as keyadmin
 from app.store import schema
 from app.accounting.credits import to_credits
+from app.accounting.ledger_sql import roll_up_args
+from app.accounting.ledger_sql import statements
 from app.store.models import ApiKey
 from app.store.models import CreditEntry
 from app.store.models import Refusal
@@ -228,6 +230,8 @@ def _ledger(cli: Cli) -> None:
             ApiKey.update(balance=ApiKey.balance - reserved,
                           spent=ApiKey.spent + (charge if state == "settled" else 0)).where(
                 ApiKey.id == key.id).execute()
+            if state == "settled":          # the settlement's daily roll-up (schema v7), as billing.settle adds it
+                db.execute_sql(statements(db).roll_up, roll_up_args(key.id, when, model, pt, ct, charge, est))
     ledger_check(cli.database_url)
 
 

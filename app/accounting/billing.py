@@ -44,6 +44,7 @@ from ..errors import BudgetExceeded
 from ..errors import InsufficientCredits
 from ..errors import ServiceUnavailable
 from .ledger_sql import give_back_args
+from .ledger_sql import roll_up_args
 from .ledger_sql import statements
 from .ledger_sql import take_args
 from ..store.models import ApiKey
@@ -347,6 +348,7 @@ def settle(lease: Lease, result: Outcome) -> int:
     touches_key = bool(lease.reserved or charge)      # a free request leaves the key's row alone
     sql = statements(db)
     reserved, key_id, request_id = lease.reserved, lease.key_id, lease.request_id
+    created_at = lease.created_at or utcnow()     # set by reserve; the row's day in the roll-up
 
     def settle_rows(execute) -> int | None:
         """The final charge, or None if the row was settled already."""
@@ -368,6 +370,7 @@ def settle(lease: Lease, result: Outcome) -> int:
         if touches_key:
             execute(sql.give_back, give_back_args(reserved - min(final, reserved), final, reserved,
                                                   lease.created_at, key_id))
+        execute(sql.roll_up, roll_up_args(key_id, created_at, lease.model.id, pt, ct, final, estimated))
         return final
 
     final = run_write(settle_rows, own_connection=True)
@@ -461,10 +464,11 @@ def settle_lost(owners: list[str]) -> int:
     # Read every row before the first write. A query still being iterated keeps its read snapshot open, and on
     # SQLite in WAL mode a connection whose snapshot is older than another process's commit cannot start a write
     # transaction ("database is locked", whatever the busy timeout): the workers commit all the time.
-    rows = list(Usage.select(Usage.id, Usage.key, Usage.reserved, Usage.created_at).where(
+    rows = list(Usage.select(Usage.id, Usage.key, Usage.reserved, Usage.created_at, Usage.model).where(
         (Usage.state == "held") & (Usage.owner.in_(owners))).tuples())
+    sql = statements(db)
     n = 0
-    for usage_id, key_id, reserved, created_at in rows:
+    for usage_id, key_id, reserved, created_at, model in rows:
         with db.atomic():
             if reserved:
                 _lock_key(db.execute_sql, key_id)
@@ -475,6 +479,7 @@ def settle_lost(owners: list[str]) -> int:
                 ApiKey.update(balance=ApiKey.balance + reserved,
                               budget_spent=Case(None, [(in_period, ApiKey.budget_spent - reserved)],
                                                 ApiKey.budget_spent)).where(ApiKey.id == key_id).execute()
+                db.execute_sql(sql.roll_up, roll_up_args(key_id, created_at, model, 0, 0, 0, True))
                 n += 1
     return n
 

@@ -60,6 +60,18 @@ class Statements:
                         + (" FOR UPDATE" if database.for_update else ""))
         self.take_up_to = f"UPDATE {key} SET {q('balance')} = {q('balance')} - {p} WHERE {q('id')} = {p}"
         self.set_charge = f"UPDATE {usage} SET {q('charge')} = {p} WHERE {q('request_id')} = {p}"
+        # The daily roll-up (app/store/models.py UsageDay): one UPSERT per settled row, adding it to its
+        # (key, day, model). MySQL names no conflict target: the unique index is it.
+        sums = ("requests", "prompt_tokens", "completion_tokens", "charge", "estimated")
+        day_table = q("usage_day")
+        insert = (f"INSERT INTO {day_table} ({q('key_id')}, {q('day')}, {q('model')}, "
+                  f"{', '.join(q(c) for c in sums)}) VALUES ({', '.join([p] * (3 + len(sums)))}) ")
+        if database.quote[0] == "`":
+            self.roll_up = insert + "ON DUPLICATE KEY UPDATE " + ", ".join(
+                f"{q(c)} = {q(c)} + VALUES({q(c)})" for c in sums)
+        else:
+            self.roll_up = (insert + f"ON CONFLICT ({q('key_id')}, {q('day')}, {q('model')}) DO UPDATE SET "
+                            + ", ".join(f"{q(c)} = {day_table}.{q(c)} + excluded.{q(c)}" for c in sums))
 
 
 def take_args(worst: int, key_id: int, periods) -> tuple:
@@ -71,6 +83,13 @@ def take_args(worst: int, key_id: int, periods) -> tuple:
 def give_back_args(returned: int, charge: int, reserved: int, created_at, key_id: int) -> tuple:
     """The parameters of :attr:`Statements.give_back`: ``created_at`` is the ledger row's (None: no budget move)."""
     return (returned, charge, created_at, charge, reserved, key_id)
+
+
+def roll_up_args(key_id: int, created_at, model: str, prompt: int, completion: int, charge: int,
+                 estimated: bool) -> tuple:
+    """The parameters of :attr:`Statements.roll_up` for one settled ledger row made at ``created_at`` (naive
+    UTC): its day as ``YYYY-MM-DD``, which every database reads as a date."""
+    return (key_id, created_at.date().isoformat(), model[:200], 1, prompt, completion, charge, int(bool(estimated)))
 
 
 def statements(database: Database) -> Statements:

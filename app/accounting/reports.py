@@ -24,6 +24,7 @@ from .credits import amount
 from ..store.models import ApiKey
 from ..store.models import Refusal
 from ..store.models import Usage
+from ..store.models import UsageDay
 
 #: The groupings of the usage report.
 GROUPS = ("day", "model", "key")
@@ -86,6 +87,63 @@ def usage(by: str = "day", key_name: str | None = None, model: str | None = None
 
 
 def _ledger_groups(by, key_name, model, since, until) -> dict[str, UsageRow]:
+    """The settled ledger's sums per group: whole UTC days from the daily roll-up (``usage_day``, kept in the
+    settlement's transaction), the partial days at either end of a since/until with a time of day from the
+    ledger rows themselves. Same numbers as summing the ledger, at a few thousand roll-up rows instead of up to
+    millions of ledger rows (docs/benchmarks.md, "The ledger at scale")."""
+    first = _day_after(since)                      # roll-up days are [first, end); None: open
+    end = until.date() if until is not None else None
+    out: dict[str, UsageRow] = {}
+    if first is not None and end is not None and first >= end:      # within one day, or less
+        _add(out, _ledger_sums(by, key_name, model, since, until))
+        return out
+    _add(out, _roll_up_sums(by, key_name, model, first, end))
+    if since is not None and first is not None and since < _midnight(first):
+        _add(out, _ledger_sums(by, key_name, model, since, _midnight(first)))
+    if until is not None and until > _midnight(end):
+        _add(out, _ledger_sums(by, key_name, model, _midnight(end), until))
+    return out
+
+
+def _day_after(moment: datetime.datetime | None) -> datetime.date | None:
+    """The first whole day from ``moment`` on: its own day at midnight, else the next one."""
+    if moment is None:
+        return None
+    return moment.date() if moment.time() == datetime.time() else moment.date() + datetime.timedelta(days=1)
+
+
+def _midnight(day: datetime.date) -> datetime.datetime:
+    return datetime.datetime.combine(day, datetime.time())
+
+
+def _add(out: dict[str, UsageRow], rows: dict[str, UsageRow]) -> None:
+    for g, r in rows.items():
+        total = out.setdefault(g, UsageRow(g))
+        total.requests += r.requests
+        total.prompt_tokens += r.prompt_tokens
+        total.completion_tokens += r.completion_tokens
+        total.charge += r.charge
+        total.estimated += r.estimated
+
+
+def _roll_up_sums(by, key_name, model, first: datetime.date | None, end: datetime.date | None) -> dict[str, UsageRow]:
+    group = {"day": UsageDay.day, "model": UsageDay.model, "key": ApiKey.name}[by]
+    query = (UsageDay.select(group.alias("grp"), fn.SUM(UsageDay.requests), fn.SUM(UsageDay.prompt_tokens),
+                             fn.SUM(UsageDay.completion_tokens), fn.SUM(UsageDay.charge), fn.SUM(UsageDay.estimated))
+             .join(ApiKey))
+    if key_name:
+        query = query.where(ApiKey.name == key_name)
+    if model:
+        query = query.where(UsageDay.model == model)
+    if first is not None:
+        query = query.where(UsageDay.day >= first)
+    if end is not None:
+        query = query.where(UsageDay.day < end)
+    return {str(g): UsageRow(str(g), int(n or 0), int(p or 0), int(c or 0), int(ch or 0), int(e or 0))
+            for g, n, p, c, ch, e in query.group_by(group).tuples()}
+
+
+def _ledger_sums(by, key_name, model, since, until) -> dict[str, UsageRow]:
     # DATE() uncoerced: peewee would read SQLite's 'YYYY-MM-DD' back through DateTimeField as a midnight datetime
     group = {"day": fn.DATE(Usage.created_at).coerce(False), "model": Usage.model, "key": ApiKey.name}[by]
     query = (Usage.select(group.alias("grp"), fn.COUNT(Usage.id), fn.SUM(Usage.prompt_tokens),
@@ -130,7 +188,8 @@ def _refusals(by: str, key_name: str | None, model: str | None, since: datetime.
 def failures(since: datetime.datetime | None = None) -> dict[str, int]:
     """{outcome: requests} of the settled requests that did not complete (upstream errors, cuts, hang-ups)."""
     query = (Usage.select(Usage.outcome, fn.COUNT(Usage.id))
-             .where((Usage.state == "settled") & (Usage.outcome != "complete")))
+             # two ranges, not !=: each is a range of the (outcome, created_at) index (v7)
+             .where((Usage.state == "settled") & ((Usage.outcome < "complete") | (Usage.outcome > "complete"))))
     if since:
         query = query.where(Usage.created_at >= since)
     return {outcome or "unknown": int(n) for outcome, n in query.group_by(Usage.outcome).tuples()}

@@ -41,7 +41,7 @@ from .sqlite_busy import begin_immediate
 from .sqlite_writer import WRITER
 
 #: Version of the schema this code runs on; app/store/schema.py has the steps from each earlier version.
-SCHEMA_VERSION = 6
+SCHEMA_VERSION = 7
 
 db = DatabaseProxy()
 T = TypeVar("T")
@@ -236,6 +236,31 @@ class Usage(BaseModel):
 
     class Meta:
         table_name = "usage"
+        # failures(): the few rows that did not complete, in a time range (v7)
+        indexes = ((("outcome", "created_at"), False),)
+
+
+class UsageDay(BaseModel):
+    """The settled ledger summed per key, UTC day and model (v7): what the usage report reads for whole days.
+
+    Kept by one UPSERT in the same transaction as each settlement (app/accounting/billing.py), so it always
+    equals the sums of the settled ledger rows of that (key, day, model); with a million ledger rows the
+    report reads a few thousand of these instead (docs/benchmarks.md, "The ledger at scale").
+    """
+
+    id = AutoField()
+    key = ForeignKeyField(ApiKey, backref="usage_days", on_delete="CASCADE")
+    day = DateField()                       # DATE(created_at) of the ledger rows, UTC
+    model = CharField(max_length=200)
+    requests = BigIntegerField(default=0)
+    prompt_tokens = BigIntegerField(default=0)
+    completion_tokens = BigIntegerField(default=0)
+    charge = BigIntegerField(default=0)     # micro-credits
+    estimated = BigIntegerField(default=0)  # how many of the requests were charged on an estimate
+
+    class Meta:
+        table_name = "usage_day"
+        indexes = ((("key", "day", "model"), True), (("day",), False))
 
 
 class Heartbeat(BaseModel):
@@ -301,7 +326,7 @@ class SchemaInfo(BaseModel):
         table_name = "schema_info"
 
 
-MODELS = (ApiKey, CreditEntry, Usage, Heartbeat, Refusal, AuditEntry, ConsoleUser, SchemaInfo)
+MODELS = (ApiKey, CreditEntry, Usage, UsageDay, Heartbeat, Refusal, AuditEntry, ConsoleUser, SchemaInfo)
 
 
 def init_app(app: Flask) -> None:

@@ -27,6 +27,7 @@ from .models import Refusal
 from .models import Heartbeat
 from .models import SCHEMA_VERSION
 from .models import SchemaInfo
+from .models import UsageDay
 from .models import db
 
 
@@ -102,11 +103,37 @@ def _v6_usage_answered_by(migrator: SchemaMigrator) -> list:
     return [lambda c=c: database.execute_sql(f"ALTER TABLE {usage} ADD COLUMN {c}") for c in columns]
 
 
+def _v7_usage_day_roll_up(migrator: SchemaMigrator) -> list:
+    """v7: the daily roll-up of the ledger (``usage_day``), filled from the settled rows so far, and an index
+    for the failed requests of a period; the usage report and the console read whole days from the roll-up
+    (docs/benchmarks.md, "The ledger at scale"). Plain CREATE TABLE / CREATE INDEX / INSERT ... SELECT: nothing
+    is rebuilt."""
+    database = migrator.database
+    database.create_tables([UsageDay], safe=True)
+    return [lambda: database.execute_sql(
+                'CREATE INDEX {0}usage_outcome_created_at{1} ON {0}usage{1} ({0}outcome{1}, {0}created_at{1})'
+                .format(*database.quote)),
+            lambda: fill_usage_day(database)]
+
+
+def fill_usage_day(database: Database = db) -> None:
+    """Sum the settled ledger into an empty ``usage_day`` (the v7 upgrade, and bench/seed_ledger.py)."""
+    o, c = database.quote[0], database.quote[1]
+    columns = ("key_id", "day", "model", "requests", "prompt_tokens", "completion_tokens", "charge", "estimated")
+    database.execute_sql(
+        f"INSERT INTO {o}usage_day{c} ({', '.join(o + col + c for col in columns)}) "
+        f"SELECT {o}key_id{c}, DATE({o}created_at{c}), {o}model{c}, COUNT(*), SUM({o}prompt_tokens{c}), "
+        f"SUM({o}completion_tokens{c}), SUM({o}charge{c}), SUM(CASE WHEN {o}estimated{c} THEN 1 ELSE 0 END) "
+        f"FROM {o}usage{c} WHERE {o}state{c} = 'settled' "
+        f"GROUP BY {o}key_id{c}, DATE({o}created_at{c}), {o}model{c}")
+
+
 #: version reached -> step that takes the schema from version-1 to it.
 STEPS: dict[int, Callable[[SchemaMigrator], list]] = {2: _v2_owner_and_heartbeat, 3: _v3_disabled_unlimited_refusals,
                                                       4: _v4_key_policy,
                                                       5: _v5_admin_keys_audit_console,
-                                                      6: _v6_usage_answered_by}
+                                                      6: _v6_usage_answered_by,
+                                                      7: _v7_usage_day_roll_up}
 
 
 def current_version(database: Database = db) -> int | None:

@@ -23,6 +23,7 @@ from peewee import IntegerField
 from peewee import Model
 from peewee import SmallIntegerField
 
+from app.store.models import SCHEMA_VERSION
 from app.store.models import make_database
 from support import ledger_check
 
@@ -123,7 +124,8 @@ def test_upgrade_from_the_first_released_schema(gateway_factory, database, tmp_p
     with pytest.raises(RuntimeError, match="boundless db upgrade"):
         gw.start()
 
-    assert gw.cli("db", "upgrade").stdout == "upgraded the schema to version 4 (steps 2, 3, 4)\n"
+    steps = ", ".join(str(v) for v in range(2, SCHEMA_VERSION + 1))
+    assert gw.cli("db", "upgrade").stdout == f"upgraded the schema to version {SCHEMA_VERSION} (steps {steps})\n"
     assert "already current" in gw.cli("db", "upgrade").stdout
 
     gw = gateway_factory(database_url=database.url)
@@ -231,6 +233,9 @@ def test_recover_settles_rows_of_silent_or_dead_workers(gateway_factory):
     assert conn.execute("SELECT balance FROM api_key WHERE id = ?", (kid,)).fetchone()[0] == 10_000_000 - 2_000_000
     with conn:      # settle the live one as its worker would, so the ledger identity can be checked
         conn.execute("UPDATE usage SET state = 'settled' WHERE request_id = 'req_alive'")
+        conn.execute("INSERT INTO usage_day (key_id, day, model, requests, prompt_tokens, completion_tokens, "
+                     "charge, estimated) VALUES (?, '2026-01-01', 'paid-model', 1, 0, 0, 0, 0) ON CONFLICT "
+                     "(key_id, day, model) DO UPDATE SET requests = requests + 1", (kid,))
         conn.execute("UPDATE api_key SET balance = balance + 2000000 WHERE id = ?", (kid,))
     conn.close()
     ledger_check(gw.database_url)
@@ -248,3 +253,60 @@ def test_workers_beat(gateway_factory):
             break
         time.sleep(0.2)
     assert len(owners) == 2 and len({o.split(":")[0] for o in owners}) == 1     # one instance, two workers
+
+
+def make_v6(url: str) -> None:
+    """A version-6 database (v7 without the daily roll-up and the outcome index) with a key and settled
+    ledger rows on two days, one estimated, one failed, and a held one."""
+    from app.store import schema
+    from app.store.models import ApiKey
+    from app.store.models import CreditEntry
+    from app.store.models import SchemaInfo
+    from app.store.models import Usage
+    from app.store.models import db
+
+    db.initialize(make_database(url))
+    with db.connection_context():
+        schema.create()
+        db.execute_sql('DROP TABLE {0}usage_day{1}'.format(*db.quote))
+        db.execute_sql('DROP INDEX {0}usage_outcome_created_at{1}'.format(*db.quote)
+                       + (' ON {0}usage{1}'.format(*db.quote) if db.quote[0] == "`" else ""))
+        SchemaInfo.update(version=6).execute()
+        key = ApiKey.create(name="old", key_hash=hashlib.sha256(OLD_KEY.encode()).hexdigest(), prefix=OLD_KEY[:8],
+                            balance=3_000_000, spent=1_500_000)
+        CreditEntry.create(key=key, amount=5_000_000, kind="open")
+        day1, day2 = datetime.datetime(2026, 1, 2, 23, 59, 59), datetime.datetime(2026, 1, 3, 0, 0, 0)
+        for i, (at, model, charge, estimated, outcome) in enumerate((
+                (day1, "paid-model", 400_000, False, "complete"), (day1, "paid-model", 600_000, True, "client_closed"),
+                (day2, "paid-model", 500_000, False, "complete"), (day2, "other", 0, False, "upstream_error"))):
+            Usage.create(request_id=f"req_v5_{i}", key=key, model=model, created_at=at, state="settled", charge=charge,
+                         prompt_tokens=10 + i, completion_tokens=20, estimated=estimated, status=200, outcome=outcome)
+        Usage.create(request_id="req_v5_held", key=key, model="paid-model", created_at=day2, state="held",
+                     reserved=500_000)
+    db.close()
+
+
+def test_upgrade_from_v6_fills_the_daily_roll_up(gateway_factory, database, tmp_path, mock):
+    make_v6(database.url)
+    from support import Gateway
+    gw = Gateway(tmp_path / "gw", mock.url, database_url=database.url)
+    assert gw.cli("db", "upgrade").stdout == "upgraded the schema to version 7 (step 7)\n"
+    ledger_check(database.url)                 # the roll-up holds the settled rows' sums, not the held one
+
+    by_day = {r["day"]: r for r in json.loads(gw.cli("usage", "--json").stdout)}
+    assert (by_day["2026-01-02"]["requests"], by_day["2026-01-02"]["credits"], by_day["2026-01-02"]["estimated"],
+            by_day["2026-01-03"]["requests"], by_day["2026-01-03"]["credits"]) == (2, "1", 1, 2, "0.5")
+    # a since/until with a time of day: the partial days come from the ledger rows, whole days from the roll-up
+    partial = json.loads(gw.cli("usage", "--by", "model", "--since", "2026-01-02T23:00:00",
+                                "--until", "2026-01-03T00:00:01", "--json").stdout)
+    assert {(r["model"], r["requests"], r["prompt_tokens"]) for r in partial} == {
+        ("paid-model", 3, 10 + 11 + 12), ("other", 1, 13)}
+    only_second = json.loads(gw.cli("usage", "--by", "key", "--since", "2026-01-02T23:59:59.5", "--json").stdout)
+    assert [(r["key"], r["requests"], r["credits"]) for r in only_second] == [("old", 2, "0.5")]
+
+    gw = gateway_factory(database_url=database.url)
+    gw.client(OLD_KEY).chat.completions.create(model="paid-model", messages=MSG, max_tokens=20)
+    ledger_check(database.url)                 # the settlement added itself to today's roll-up row
+    total = json.loads(gw.cli("usage", "--by", "key", "--json").stdout)
+    # 4 settled before, the held row of a worker long silent (settled as lost by the gateway), the new one
+    assert [(r["key"], r["requests"]) for r in total] == [("old", 6)]
