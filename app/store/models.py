@@ -293,7 +293,7 @@ class Refusal(BaseModel):
 
 
 class AuditEntry(BaseModel):
-    """One change made through the admin API or the console (v4): who, what, to what, when."""
+    """One change made through the admin API or the console (v5): who, what, to what, when."""
 
     id = AutoField()
     at = DateTimeField(default=utcnow, index=True)
@@ -307,7 +307,7 @@ class AuditEntry(BaseModel):
 
 
 class ConsoleUser(BaseModel):
-    """Who may sign in to the web console (v4): a name and a Werkzeug password hash."""
+    """Who may sign in to the web console (v5): a name and a Werkzeug password hash."""
 
     id = AutoField()
     name = CharField(max_length=100, unique=True)

@@ -14,6 +14,7 @@ import pytest
 from app import keys
 from app.accounting import billing
 from app.accounting import budget
+from app.accounting.credits import amount
 from app.accounting.billing import Outcome
 from app.catalog import Model
 from app.catalog import Provider
@@ -229,8 +230,8 @@ def test_key_summary_reports_the_budget(on_db):
     _reserve(kid, tz=PARIS)
     out = billing.key_summary(kid, PARIS)
     now = datetime.datetime.now(UTC)
-    assert out["budget"] == 7.5 and out["budget_period"] == "week"
-    assert out["budget_spent"] == WORST / 1_000_000
+    assert out["budget"] == "7.5" and out["budget_period"] == "week"      # amounts: decimal strings
+    assert out["budget_spent"] == amount(WORST)
     assert out["budget_resets_at"] == budget.period_end("week", now, PARIS).isoformat()
     assert datetime.datetime.fromisoformat(out["budget_resets_at"]).weekday() == 0
     plain = billing.key_summary(_key("none"))
