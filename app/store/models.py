@@ -11,6 +11,7 @@ The database is deferred (:data:`db` is a proxy) and chosen from ``BOUNDLESS_DAT
 from __future__ import annotations
 
 import datetime
+import time
 from functools import cached_property
 from typing import Callable
 from typing import TypeVar
@@ -28,6 +29,7 @@ from peewee import FloatField
 from peewee import ForeignKeyField
 from peewee import IntegerField
 from peewee import Model
+from peewee import OperationalError
 from peewee import SQL
 from peewee import SmallIntegerField
 from peewee import SqliteDatabase
@@ -128,11 +130,35 @@ def run_write(op: Callable[[Callable], T], own_connection: bool = False) -> T:
     database = db.obj
     if isinstance(database, SqliteDatabase):
         return WRITER.run(database, op)
-    if own_connection:
-        with db.connection_context(), db.atomic():
-            return op(db.execute_sql)
-    with db.atomic():
-        return op(db.execute_sql)
+    for attempt in range(DEADLOCK_RETRIES + 1):
+        nested = not db.is_closed() and db.transaction_depth() > 0
+        try:
+            if own_connection:
+                with db.connection_context(), db.atomic():
+                    return op(db.execute_sql)
+            with db.atomic():
+                return op(db.execute_sql)
+        except OperationalError as err:
+            # InnoDB (and PostgreSQL) end one of two deadlocked transactions whole: the database's own advice is
+            # to run it again. Only a transaction of our own can be: inside a caller's, the caller's is gone too.
+            if nested or attempt == DEADLOCK_RETRIES or not _deadlock(err):
+                raise
+            time.sleep(0.005 * (attempt + 1))
+    raise AssertionError("unreachable")
+
+
+#: How many times a write transaction that lost a deadlock is run again (MySQL/MariaDB, PostgreSQL).
+DEADLOCK_RETRIES = 3
+
+
+def _deadlock(err: OperationalError) -> bool:
+    """Whether ``err`` is a deadlock or lock wait timeout (MySQL 1213/1205, PostgreSQL 40P01/40001)."""
+    orig = getattr(err, "orig", None) or err.__cause__
+    code = getattr(orig, "pgcode", None)
+    if code is not None:
+        return code in ("40P01", "40001")
+    args = getattr(orig, "args", ())
+    return bool(args) and args[0] in (1213, 1205)
 
 
 def backup_sqlite(conn, target: str) -> int:

@@ -10,6 +10,7 @@ import signal
 import subprocess
 import threading
 import time
+from decimal import Decimal
 
 import openai
 import pytest
@@ -142,16 +143,16 @@ def test_budget(gw):
     resets = datetime.datetime.fromisoformat(data["budget_resets_at"])
     assert resets.time() == datetime.time() and 0 < retry <= 86_400
     assert data["budget_resets_at"] in refused.body["message"]
-    assert (data["budget"], data["budget_period"]) == (round(3 * worst / 1e6, 6), "day")
-    assert data["budget_spent"] == data["spent"] > 0                # the day's spending is all the spending
-    assert data["balance"] == 10 - data["spent"]                    # the refusal cost nothing
+    assert (Decimal(data["budget"]), data["budget_period"]) == (Decimal(f"{3 * worst / 1e6:.6f}"), "day")
+    assert Decimal(data["budget_spent"]) == Decimal(data["spent"]) > 0   # the day's spending is all the spending
+    assert Decimal(data["balance"]) == 10 - Decimal(data["spent"])   # the refusal cost nothing (amounts: strings)
     with pytest.raises(openai.APIStatusError):
         client.chat.completions.create(**body)
     assert _get(gw, key, "/key").json()["data"]["balance"] == data["balance"]
     assert client.chat.completions.create(model="free-model", messages=MSG).choices   # free models still pass
     assert _refused(gw, "capped") == {"budget_exceeded": 2}
     listed = _listed(gw, "capped")
-    assert (listed["budget_period"], listed["budget_spent"]) == ("day", str(data["budget_spent"]).rstrip("0"))
+    assert (listed["budget_period"], listed["budget_spent"]) == ("day", data["budget_spent"])
 
     gw.cli("keys", "update", "capped", "--budget", "none")
     assert client.chat.completions.create(**body).choices
