@@ -411,7 +411,7 @@ def keys_enable(name: str) -> None:
 @_policy_options(update=True)
 def keys_update(name: str, rpm: str | None, rpd: str | None, credit: str | None, models: str | None,
                 expires: str | None, budget: str | None, budget_period: str | None, max_parallel: str | None) -> None:
-    """Change a key's limits, policy or balance, without a restart."""
+    """Change a key's limits, policy or balance (no restart)."""
     changes = {opt: keyadmin.parse_limit(text, opt, default=True)
                for opt, text in (("rpm", rpm), ("rpd", rpd)) if text is not None}
     given = [models, expires, budget, budget_period, max_parallel]
