@@ -68,6 +68,7 @@ class ParallelSlots:
         self._live: set[Slot] = set()
         self._lock = threading.Lock()
         self._renewer_pid = 0
+        self._closed = threading.Event()
 
     @staticmethod
     def counter(key_id: int, epoch: int) -> str:
@@ -156,9 +157,12 @@ class ParallelSlots:
             self._renewer_pid = os.getpid()
         threading.Thread(target=self._run, name="boundless-parallel-slots", daemon=True).start()
 
+    def close(self) -> None:
+        """Stop renewing (the slots still held then free themselves within two epochs, as a dead process's)."""
+        self._closed.set()
+
     def _run(self) -> None:
-        while True:
-            time.sleep(RENEW_EVERY)
+        while not self._closed.wait(RENEW_EVERY):
             try:
                 self.renew()
             except Exception:

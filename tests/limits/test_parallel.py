@@ -23,6 +23,23 @@ class Clock:
         return self.now
 
 
+@pytest.fixture(autouse=True)
+def _stop_renewers(monkeypatch):
+    """Each ParallelSlots of a test stops renewing at its end: a renewer left running would go on writing to a
+    storage that the test has stopped, and log its failures into later tests."""
+    made = []
+    real_init = ParallelSlots.__init__
+
+    def init(self, *args, **kw):
+        real_init(self, *args, **kw)
+        made.append(self)
+
+    monkeypatch.setattr(ParallelSlots, "__init__", init)
+    yield
+    for slots in made:
+        slots.close()
+
+
 @pytest.fixture(params=["sqlite", "redis", "memcached"])
 def limiter(request, tmp_path):
     if request.param == "sqlite":
