@@ -54,18 +54,21 @@ def overview():
                            top_keys=top_keys, top_models=top_models, amount=amount)
 
 
+def _period(args) -> tuple:
+    """The page's ``since``/``until`` filters: (since, until, None), or (None, None, what is wrong with them)."""
+    try:
+        return (reports.parse_moment(args.get("since", "").strip() or None),
+                reports.parse_moment(args.get("until", "").strip() or None, end=True), None)
+    except ValueError as err:
+        return None, None, str(err)
+
+
 @bp.get("/usage")
 def usage_page():
     args = request.args
     by = args.get("by", "day") if args.get("by") in reports.GROUPS else "day"
     key_name, model = args.get("key", "").strip() or None, args.get("model", "").strip() or None
-    error = None
-    try:
-        since = reports.parse_moment(args.get("since", "").strip() or None)
-        until = reports.parse_moment(args.get("until", "").strip() or None, end=True)
-    except ValueError as err:
-        since = until = None
-        error = str(err)
+    since, until, error = _period(args)
     rows = reports.usage(by, key_name, model, since, until) if error is None else []
     if args.get("format") == "csv":
         return _csv_response(_usage_csv(rows, by), f"usage-by-{by}.csv")
@@ -77,13 +80,7 @@ def usage_page():
 @bp.get("/ledger")
 def ledger_page():
     args = request.args
-    error = None
-    try:
-        since = reports.parse_moment(args.get("since", "").strip() or None)
-        until = reports.parse_moment(args.get("until", "").strip() or None, end=True)
-    except ValueError as err:
-        since = until = None
-        error = str(err)
+    since, until, error = _period(args)
     cursor = args.get("cursor", type=int)
     as_csv = args.get("format") == "csv"
     rows, after = ([], None) if error else reports.ledger(
