@@ -43,9 +43,25 @@ csrf = CSRFProtect()
 limiter = Limiter(key_func=get_remote_address, strategy="fixed-window", headers_enabled=False)
 
 
+@limiter.request_filter
+def _not_console() -> bool:
+    """The throttle is the console's: every other request (the API's) skips Flask-Limiter's checks at once."""
+    return request.blueprint != "console"
+
+
 class _SessionInterface(SecureCookieSessionInterface):
     """Flask's signed-cookie sessions, with ``Secure`` set when the request itself came over HTTPS (behind
-    nginx: ``X-Forwarded-Proto`` from a peer in ``BOUNDLESS_FORWARDED_ALLOW_IPS``, as gunicorn reads it)."""
+    nginx: ``X-Forwarded-Proto`` from a peer in ``BOUNDLESS_FORWARDED_ALLOW_IPS``, as gunicorn reads it).
+
+    Only the console has sessions (the cookie's path is ``/console``, so no browser sends it elsewhere): any
+    other request gets Flask's null session at once, without building the signing serializer.
+    """
+
+    def open_session(self, app: Flask, request):
+        path = request.path
+        if path != "/console" and not path.startswith("/console/"):
+            return self.make_null_session(app)
+        return super().open_session(app, request)
 
     def get_cookie_secure(self, app: Flask) -> bool:
         return bool(app.config["SESSION_COOKIE_SECURE"]) or (has_request_context() and request.is_secure)
