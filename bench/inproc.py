@@ -12,8 +12,8 @@ upstream, SQLite ledger and rate-limit counters, a key with every limit on) and 
 server or a test client, so the figures are what the gateway's own code costs per request, and nothing else; the
 bare pass-through (:mod:`bench.bare_passthrough`) runs in the same process against the same mock as a check of
 the machine. Batches of the two alternate; the report gives the median of the batches' process CPU and wall time
-per request, in microseconds. The mock upstream is started on a free port and stopped at the end; the access log
-lines go to stderr (send them to /dev/null).
+per request, in microseconds. The mock upstream is :mod:`bench.targets`' (its log in the temporary folder); the
+access log lines go to stderr (send them to /dev/null).
 
 No gunicorn and no gevent here: :mod:`bench.run` measures those. Use this one to compare two versions of the
 request path on a noisy machine (process CPU varies less than latency) and to profile it.
@@ -27,14 +27,15 @@ import json
 import os
 import pstats
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+from .targets import Processes
 from .targets import boundless_env
-from .targets import free_port
+from .targets import create_key
+from .targets import start_mock
 
 BODY = {"model": "bench-paid", "messages": [{"role": "user", "content": "hello"}], "max_tokens": 64}
 
@@ -82,19 +83,12 @@ def main(argv: list[str] | None = None) -> None:
         os.environ["PYTHONPATH"] = str(args.code.resolve())
 
     home = Path(tempfile.mkdtemp(prefix="boundless-inproc-"))
-    port = free_port()
-    mock = subprocess.Popen([sys.executable, "-m", "bench.mock_upstream", "--host", "127.0.0.1", "--port", str(port),
-                             "--chunks", "20", "--gap", "0", "--no-record"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    procs = Processes(home, None)
     try:
+        _, port = start_mock(procs, gap=0)
         env = boundless_env(home, port, None)
         os.environ.update({k: v for k, v in env.items() if k.startswith("BOUNDLESS_")})
-        allowance = "100000000"
-        created = subprocess.run([str(Path(sys.executable).parent / "boundless"), "keys", "create", "--name", "bench",
-                                  "--rpm", allowance, "--rpd", allowance, "--credit", allowance],
-                                 env=dict(os.environ), capture_output=True, text=True, check=True)
-        key = created.stdout.strip().splitlines()[-1]
-        _wait_port(port)
+        key = create_key(dict(os.environ))
 
         from app import create_app          # after the environment is set: create_app reads it
         from . import bare_passthrough
@@ -130,20 +124,7 @@ def main(argv: list[str] | None = None) -> None:
             profiler.disable()
             pstats.Stats(profiler, stream=sys.stdout).sort_stats("cumulative").print_stats(args.top)
     finally:
-        mock.kill()
-        mock.wait()
-
-
-def _wait_port(port: int, timeout: float = 15.0) -> None:
-    import socket
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-                return
-        except OSError:
-            time.sleep(0.05)
-    raise TimeoutError(f"the mock upstream did not listen on {port}")
+        procs.close()
 
 
 if __name__ == "__main__":

@@ -131,11 +131,11 @@ class Target:
 # --------------------------------------------------------------------------- starters
 
 
-def start_mock(procs: Processes, timeout: float = 15.0) -> tuple[subprocess.Popen, int]:
-    """The fast mock upstream (20 chunks 5 ms apart, no delay; slow points use per-request knobs)."""
+def start_mock(procs: Processes, timeout: float = 15.0, gap: float = 0.005) -> tuple[subprocess.Popen, int]:
+    """The fast mock upstream (20 chunks ``gap`` seconds apart, no delay; slow points use per-request knobs)."""
     port = free_port()
     proc = procs.spawn("mock", [sys.executable, "-m", "bench.mock_upstream", "--host", "127.0.0.1",
-                                "--port", str(port), "--chunks", "20", "--gap", "0.005", "--no-record"])
+                                "--port", str(port), "--chunks", "20", "--gap", str(gap), "--no-record"])
     _wait_log(procs, "mock", proc, r"listening on http://127\.0\.0\.1:\d+", timeout)
     return proc, port
 
@@ -232,6 +232,14 @@ def start_boundless(procs: Processes, mock_port: int, worker_class: str | None,
     env = boundless_env(procs.workdir / name, mock_port, worker_class)
     if code != REPO:                     # import that commit's app/, not this checkout's (editable install)
         env["PYTHONPATH"] = str(code)
+    key = create_key(env, code)
+    proc, port = _gunicorn(procs, name, "gunicorn.conf.py", "wsgi:app", env, code)
+    return Target(name, port, proc, "/api/v1", {"Authorization": f"Bearer {key}"}, capacity=True, log=name)
+
+
+def create_key(env: dict[str, str], code: Path = REPO) -> str:
+    """The benchmark's key (``bench``, every limit and its credit far beyond any run), made with the CLI of
+    ``code`` in the gateway's environment ``env``."""
     created = subprocess.run(
         [str(VENV_BIN / "boundless"), "keys", "create", "--name", "bench", "--rpm", KEY_ALLOWANCE,
          "--rpd", KEY_ALLOWANCE, "--credit", KEY_ALLOWANCE],
@@ -239,8 +247,7 @@ def start_boundless(procs: Processes, mock_port: int, worker_class: str | None,
     key = created.stdout.strip().splitlines()[-1] if created.stdout.strip() else ""
     if created.returncode or not key.startswith("sk-"):
         raise TargetError(f"boundless keys create failed: {created.stderr.strip()[-500:]}")
-    proc, port = _gunicorn(procs, name, "gunicorn.conf.py", "wsgi:app", env, code)
-    return Target(name, port, proc, "/api/v1", {"Authorization": f"Bearer {key}"}, capacity=True, log=name)
+    return key
 
 
 def start_baseline(procs: Processes, mock_port: int, rev: str) -> Target:
