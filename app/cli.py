@@ -26,6 +26,7 @@ from peewee import PeeweeException
 
 from . import audit
 from . import console_users
+from . import keyops
 from . import keys as keyadmin
 from . import policy
 from .accounting import budget as budgets
@@ -39,8 +40,6 @@ from .server.lifecycle import settle_owner
 from .server.lifecycle import settle_silent
 from .errors import ConfigurationError
 from .store.models import ApiKey
-from .store.models import Refusal
-from .store.models import Usage
 from .store.models import db
 from .store.models import backup_sqlite
 from .store.models import make_database
@@ -337,14 +336,13 @@ def keys_list(as_json: bool) -> None:
     cat = _catalog(cfg)
     d_rpm, d_rpd = (cat.limits.rpm, cat.limits.rpd) if cat else (None, None)
     now = datetime.datetime.now(datetime.timezone.utc)
-    periods = budgets.periods(now, _tz(cfg, strict=False))
+    # the catalogue's day zone (budgets' periods), UTC when it cannot be read (as _tz(strict=False))
+    periods = budgets.periods(now, zoneinfo.ZoneInfo(cat.limits.day_timezone) if cat else datetime.timezone.utc)
     rows = []
     for k in keyadmin.all_keys():
-        expired = k.expires_at is not None and k.expires_at <= now.replace(tzinfo=None)
-        state = "revoked" if k.revoked else "disabled" if k.disabled else "expired" if expired else "active"
         rows.append({"name": k.name, "prefix": k.prefix + "...", "rpm": _shown_limit(k.rpm, d_rpm),
                      "rpd": _shown_limit(k.rpd, d_rpd), "balance": amount(k.balance),
-                     "spent": amount(k.spent), "state": state, "admin": bool(k.admin),
+                     "spent": amount(k.spent), "state": keyops.state_of(k), "admin": bool(k.admin),
                      "models": list(policy.patterns(k.models) or ["*"]), "expires_at": policy.iso_utc(k.expires_at),
                      "budget": None if k.budget is None else amount(k.budget),
                      "budget_period": k.budget_period,
@@ -483,8 +481,7 @@ def usage(key_name, model, since, until, by, as_json) -> None:
 
 def _known_model(cfg: dict, model: str) -> bool:
     cat = _catalog(cfg)
-    return bool((cat and model in cat.models) or Usage.select().where(Usage.model == model).exists()
-                or Refusal.select().where(Refusal.model == model).exists())
+    return reports.model_known(model, cat.models if cat else ())
 
 
 # --------------------------------------------------------------------------------------------------

@@ -30,6 +30,7 @@ from .errors import ConfigurationError
 from .errors import Conflict
 from .errors import InvalidRequest
 from .errors import NotFound
+from .store.models import utcnow
 from .store.models import ApiKey
 from .store.models import db
 
@@ -161,6 +162,11 @@ class Defaults:
     rpm: int | None = None
     rpd: int | None = None
 
+    @classmethod
+    def of(cls, catalog) -> "Defaults":
+        """The defaults of a loaded catalogue (``[limits]``)."""
+        return cls(catalog.limits.rpm, catalog.limits.rpd)
+
 
 def view(row: ApiKey, defaults: Defaults = Defaults()) -> dict:
     """A key as the admin API shows it: never the key, only its prefix. ``rpm``/``rpd`` are the limits it
@@ -169,8 +175,8 @@ def view(row: ApiKey, defaults: Defaults = Defaults()) -> dict:
            "rpm": _effective(row.rpm, defaults.rpm), "rpd": _effective(row.rpd, defaults.rpd),
            "rpm_default": row.rpm is None, "rpd_default": row.rpd is None,
            "balance": amount(row.balance), "spent": amount(row.spent),
-           "created_at": _iso(row.created_at), "revoked_at": _iso(row.revoked_at)}
-    out.update({"models": list(policy.patterns(row.models) or ["*"]), "expires_at": _iso(row.expires_at),
+           "created_at": policy.iso_utc(row.created_at), "revoked_at": policy.iso_utc(row.revoked_at)}
+    out.update({"models": list(policy.patterns(row.models) or ["*"]), "expires_at": policy.iso_utc(row.expires_at),
                 "budget": None if row.budget is None else amount(row.budget), "budget_period": row.budget_period,
                 "max_parallel": row.max_parallel})
     return out
@@ -181,18 +187,13 @@ def state_of(row: ApiKey) -> str:
         return "revoked"
     if row.disabled:
         return "disabled"
-    now = datetime.datetime.now(datetime.timezone.utc).replace(tzinfo=None)
-    return "expired" if row.expires_at is not None and now >= row.expires_at else "active"
+    return "expired" if policy.expired(row, utcnow()) else "active"
 
 
 def _effective(stored: int | None, default: int | None) -> int | None:
     if stored is None:
         return default
     return keys.effective_limit(stored, 0)
-
-
-def _iso(moment) -> str | None:
-    return None if moment is None else moment.isoformat(timespec="seconds") + "Z"
 
 
 def get(name: str) -> ApiKey:
@@ -287,7 +288,7 @@ def _keywords(fields: dict) -> dict:
 
 def _shown(fields: dict) -> dict:
     """The changed fields as the audit log keeps them (amounts as decimal strings, times in ISO 8601)."""
-    return {k: (str(v) if isinstance(v, Decimal) else _iso(v) if isinstance(v, datetime.datetime) else v)
+    return {k: (str(v) if isinstance(v, Decimal) else policy.iso_utc(v) if isinstance(v, datetime.datetime) else v)
             for k, v in fields.items()}
 
 

@@ -30,12 +30,11 @@ class State:
     limiter: RateLimiter
     keys: KeyCache
     upstream: UpstreamClient
+    #: Routes, key pools, fallbacks and cool-downs around ``upstream`` (app/upstream/routing.py).
+    router: Router
     streams: OpenStreams = field(default_factory=OpenStreams)
     #: Called once per finished chat request with (lease, outcome): logs and metrics hook in here.
     finish_hooks: list[Callable] = field(default_factory=list)
-    #: Routes, key pools, fallbacks and cool-downs around ``upstream`` (app/upstream/routing.py).
-    router: Router | None = None
-
     #: The keys' parallel slots (``--max-parallel``), on the limiter's storage.
     parallel: ParallelSlots | None = None
 

@@ -32,7 +32,6 @@ from collections import deque
 from dataclasses import dataclass
 from dataclasses import field
 
-from peewee import Case
 from peewee import PeeweeException
 
 from ..catalog import Model
@@ -44,6 +43,7 @@ from ..errors import BudgetExceeded
 from ..errors import InsufficientCredits
 from ..errors import ServiceUnavailable
 from .ledger_sql import give_back_args
+from .ledger_sql import lock_key
 from .ledger_sql import roll_up_args
 from .ledger_sql import statements
 from .ledger_sql import take_args
@@ -353,7 +353,7 @@ def settle(lease: Lease, result: Outcome) -> int:
     def settle_rows(execute) -> int | None:
         """The final charge, or None if the row was settled already."""
         if touches_key:
-            _lock_key(execute, key_id)
+            lock_key(db, execute, key_id)
         claimed = execute(sql.settle_row, (
             "settled", min(charge, reserved), pt, ct, estimated, result.status, result.outcome[:24],
             result.latency_ms, result.ttfb_ms, *_answered_by(result), request_id, "held")).rowcount
@@ -418,18 +418,6 @@ def retry_pending() -> int:
     return done
 
 
-def _lock_key(execute, key_id: int) -> None:
-    """Lock the key's row before the ledger row, the order reserve() takes them in.
-
-    The other order deadlocks on MySQL/MariaDB: an UPDATE's next-key lock on ``usage`` blocks a concurrent
-    reserve's INSERT while that reserve holds the key's row, which the settling transaction then waits for.
-    (SQLite's BEGIN IMMEDIATE already serialises writers.)
-    """
-    sql = statements(db).lock_key
-    if sql:
-        execute(sql, (key_id,)).fetchall()
-
-
 class _Owner:
     """``<instance>:<pid>`` of this worker, stamped on held rows so that a dead worker's rows can be found.
 
@@ -471,14 +459,11 @@ def settle_lost(owners: list[str]) -> int:
     for usage_id, key_id, reserved, created_at, model in rows:
         with db.atomic():
             if reserved:
-                _lock_key(db.execute_sql, key_id)
+                lock_key(db, db.execute_sql, key_id)
             if Usage.update(state="settled", charge=0, estimated=True, outcome="worker_lost").where(
                     (Usage.id == usage_id) & (Usage.state == "held")).execute() == 1:
-                # The reservation leaves the budget's count too, if the row was made in the period it counts.
-                in_period = ApiKey.budget_period_start <= created_at
-                ApiKey.update(balance=ApiKey.balance + reserved,
-                              budget_spent=Case(None, [(in_period, ApiKey.budget_spent - reserved)],
-                                                ApiKey.budget_spent)).where(ApiKey.id == key_id).execute()
+                # All of it goes back, to the budget's count too if the row was made in the period it counts.
+                db.execute_sql(sql.give_back, give_back_args(reserved, 0, reserved, created_at, key_id))
                 db.execute_sql(sql.roll_up, roll_up_args(key_id, created_at, model, 0, 0, 0, True))
                 n += 1
     return n

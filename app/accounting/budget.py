@@ -31,7 +31,6 @@ from .credits import to_micro
 from ..errors import ConfigurationError
 from ..store.models import ApiKey
 from ..store.models import Usage
-from ..store.models import db
 
 #: The periods a budget can have.
 PERIODS = ("day", "week", "month")
@@ -64,10 +63,23 @@ def _naive_utc(moment: datetime.datetime) -> datetime.datetime:
     return moment.astimezone(UTC).replace(tzinfo=None)
 
 
+#: The periods last worked out and the local day they hold for: (zone, day start, next day start, Periods), the
+#: bounds naive UTC. Every paid request's reservation asks (for any key, budget or not), and the answer only
+#: changes at a local midnight: the zone's rules run once a day, not per request (as RateLimiter._day does).
+_kept: tuple | None = None
+
+
 def periods(now: datetime.datetime, tz: datetime.tzinfo) -> Periods:
     """The periods holding ``now`` (aware)."""
+    global _kept
+    at = _naive_utc(now)
+    kept = _kept
+    if kept is not None and kept[0] is tz and kept[1] <= at < kept[2]:
+        return kept[3]
     starts = _local_starts(now, tz)
-    return Periods(*(_naive_utc(_midnight(starts[k], tz)) for k in PERIODS))
+    found = Periods(*(_naive_utc(_midnight(starts[k], tz)) for k in PERIODS))
+    _kept = (tz, found.day, _naive_utc(_midnight(starts["day"] + datetime.timedelta(days=1), tz)), found)
+    return found
 
 
 def period_end(kind: str, now: datetime.datetime, tz: datetime.tzinfo) -> datetime.datetime:
@@ -137,14 +149,6 @@ def recount(key_id: int, kind: str, now: datetime.datetime, tz: datetime.tzinfo)
     held = (Usage.select(fn.COALESCE(fn.SUM(Usage.reserved), 0))
             .where((Usage.key == key_id) & (Usage.state == "held") & (Usage.created_at >= start)).scalar())
     return int(charged) + int(held), start
-
-
-def lock_row(key_id: int) -> None:
-    """Lock the key's row for the rest of this transaction (SQLite's write transaction already excludes others)."""
-    query = ApiKey.select(ApiKey.id).where(ApiKey.id == key_id)
-    if db.for_update:
-        query = query.for_update()
-    query.execute()
 
 
 __all__ = ["PERIODS", "Periods", "parse_budget", "parse_period", "period_end", "periods", "recount", "spent_now",

@@ -80,6 +80,17 @@ def take_args(worst: int, key_id: int, periods) -> tuple:
     return (worst, *starts, worst, worst, *starts, key_id, worst, *starts, worst)
 
 
+def lock_key(database: Database, execute, key_id: int) -> None:
+    """Lock the key's row for the rest of this transaction (on PostgreSQL and MySQL; SQLite's ``BEGIN
+    IMMEDIATE`` already serialises writers). Take it before the ledger row, the order reserve() takes them in:
+    the other order deadlocks on MySQL/MariaDB, where an UPDATE's next-key lock on ``usage`` blocks a concurrent
+    reserve's INSERT while that reserve holds the key's row, which the settling transaction then waits for.
+    """
+    sql = statements(database).lock_key
+    if sql:
+        execute(sql, (key_id,)).fetchall()
+
+
 def give_back_args(returned: int, charge: int, reserved: int, created_at, key_id: int) -> tuple:
     """The parameters of :attr:`Statements.give_back`: ``created_at`` is the ledger row's (None: no budget move)."""
     return (returned, charge, created_at, charge, reserved, key_id)

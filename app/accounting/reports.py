@@ -105,6 +105,13 @@ def _ledger_groups(by, key_name, model, since, until) -> dict[str, UsageRow]:
     return out
 
 
+def model_known(model: str, catalog_models) -> bool:
+    """Whether ``model`` is a catalogue id (in ``catalog_models``) or one the ledger or the refusal counts name
+    (a model removed from the catalogue still has its history)."""
+    return bool(model in catalog_models or Usage.select().where(Usage.model == model).exists()
+                or Refusal.select().where(Refusal.model == model).exists())
+
+
 def _day_after(moment: datetime.datetime | None) -> datetime.date | None:
     """The first whole day from ``moment`` on: its own day at midnight, else the next one."""
     if moment is None:
@@ -177,8 +184,7 @@ def _refusals(by: str, key_name: str | None, model: str | None, since: datetime.
     if since:
         query = query.where(Refusal.day >= since.date())
     if until:
-        query = query.where(Refusal.day < (until.date() if until.time() == datetime.time() else
-                                           until.date() + datetime.timedelta(days=1)))
+        query = query.where(Refusal.day < _day_after(until))
     out: dict[str, dict[str, int]] = {}
     for grp, reason, n in query.group_by(group, Refusal.reason).tuples():
         out.setdefault(str(grp) if grp is not None else "", {})[reason] = int(n)

@@ -59,14 +59,9 @@ def anthropic(usage: dict) -> dict:
     return {"prompt_tokens": prompt, "completion_tokens": _n(usage, "output_tokens")}
 
 
-def _asked(body: dict, name: str) -> int | None:
-    value = body.get(name)
-    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
-
-
 def completion_bound(body: dict, model: Model, field: str) -> int:
     """The caller's ``field`` (``max_output_tokens``, ``max_tokens``) if it gave a usable one, else the model's."""
-    return _asked(body, field) or model.max_output_tokens
+    return _n(body, field) or model.max_output_tokens
 
 
 def embedding_prompt_bound(body: dict) -> int:

@@ -38,6 +38,8 @@ def _authenticate() -> None:
 
 @bp.after_request
 def _headers(resp: Response) -> Response:
+    """The request id, the rate-limit headers, and which model and provider answered (``X-Boundless-Model``,
+    ``X-Boundless-Route``: app/upstream/routing.py), or last failed, for a request that called one."""
     rid = g.get("request_id")
     if rid:
         resp.headers["X-Request-Id"] = rid
@@ -50,6 +52,9 @@ def _headers(resp: Response) -> Response:
             decision = None
     if decision is not None:
         resp.headers.update(decision.headers())
+    lease = g.get("boundless_lease")
+    if lease is not None and lease.context.get("route_headers"):
+        resp.headers.update(lease.context["route_headers"])
     return resp
 
 

@@ -28,8 +28,6 @@ from ..errors import PermissionDenied
 from ..jsonio import loads
 from ..state import state
 from ..store.models import ApiKey
-from ..store.models import Refusal
-from ..store.models import Usage
 
 bp = Blueprint("admin", __name__, url_prefix="/api/v1")
 
@@ -183,14 +181,11 @@ def _known_key() -> str | None:
 
 def _known_model() -> str | None:
     model = request.args.get("model") or None
-    if model and model not in state().catalog.models and not (
-            Usage.select().where(Usage.model == model).exists()
-            or Refusal.select().where(Refusal.model == model).exists()):
+    if model and not reports.model_known(model, state().catalog.models):
         raise NotFound(f"no model named {model!r} in the catalogue or the ledger", param="model",
                        code="model_not_found")
     return model
 
 
 def _defaults() -> keyops.Defaults:
-    limits = state().catalog.limits
-    return keyops.Defaults(limits.rpm, limits.rpd)
+    return keyops.Defaults.of(state().catalog)

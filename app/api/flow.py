@@ -59,6 +59,15 @@ def read_json_object(docs: str) -> tuple[bytes, dict]:
     return raw, body
 
 
+def check_messages(body: dict) -> None:
+    """:raise InvalidRequest: ``messages`` is not a non-empty array of objects (chat completions, Messages)."""
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise InvalidRequest("'messages' is required and must be a non-empty array.", param="messages")
+    if not all(isinstance(m, dict) for m in messages):
+        raise InvalidRequest("Every item of 'messages' must be an object.", param="messages")
+
+
 def check_stream(body: dict) -> bool:
     """Whether the caller asked for a stream. :raise InvalidRequest: ``stream`` is not a JSON boolean."""
     stream = body.get("stream")

@@ -17,7 +17,6 @@ from flask import Response
 
 from ..accounting import usage
 from ..auth import authenticate
-from ..errors import InvalidRequest
 from ..upstream.apis import MESSAGES
 from . import bp
 from . import flow
@@ -38,11 +37,7 @@ def create_message() -> Response:
 def parse_messages_body() -> tuple[bytes, dict, bool]:
     """:raise InvalidRequest: 400 for a body that is not a Messages request."""
     raw, body = flow.read_json_object(DOCS)
-    messages = body.get("messages")
-    if not isinstance(messages, list) or not messages:
-        raise InvalidRequest("'messages' is required and must be a non-empty array.", param="messages")
-    if not all(isinstance(m, dict) for m in messages):
-        raise InvalidRequest("Every item of 'messages' must be an object.", param="messages")
+    flow.check_messages(body)
     stream = flow.check_stream(body)
     flow.check_limit(body, "max_tokens")
     return raw, body, stream

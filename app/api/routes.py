@@ -48,25 +48,21 @@ def chat_completions() -> Response:
     """auth (before_request) → validate → resolve → policy → limit → reserve → upstream → relay → settle."""
     started = time.perf_counter()
     key = authenticate()
-    raw, body = parse_chat_body()
+    raw, body, stream = parse_chat_body()
     model = flow.resolve(key, body["model"], CHAT)
-    return flow.relay(CHAT, key, model, body, raw, body.get("stream") is True, started)
+    return flow.relay(CHAT, key, model, body, raw, stream, started)
 
 
-def parse_chat_body() -> tuple[bytes, dict]:
-    """The raw body and its JSON object, checked as far as the gateway itself needs it.
+def parse_chat_body() -> tuple[bytes, dict, bool]:
+    """The raw body, its JSON object and whether it asks for a stream, checked as far as the gateway needs.
 
     :raise InvalidRequest: 400 for anything that is not a chat request.
     """
     raw, body = flow.read_json_object("https://platform.openai.com/docs/api-reference/chat")
-    messages = body.get("messages")
-    if not isinstance(messages, list) or not messages:
-        raise InvalidRequest("'messages' is required and must be a non-empty array.", param="messages")
-    if not all(isinstance(m, dict) for m in messages):
-        raise InvalidRequest("Every item of 'messages' must be an object.", param="messages")
-    flow.check_stream(body)
+    flow.check_messages(body)
+    stream = flow.check_stream(body)
     if body.get("stream_options") is not None and not isinstance(body["stream_options"], dict):
         raise InvalidRequest("'stream_options' must be an object.", param="stream_options")
     for name in ("max_completion_tokens", "max_tokens"):
         flow.check_limit(body, name)
-    return raw, body
+    return raw, body, stream

@@ -66,6 +66,8 @@ def _failed(resp: Response) -> bool:
 
 @bp.before_request
 def _guard():
+    if request.endpoint == "console.static":   # its CSS and script: public, and no session or database to read
+        return None
     if request.method == "POST":
         csrf.protect()                         # raises CSRFError (400) without a valid token
     g.user = None
@@ -157,7 +159,8 @@ def keys_page():
     search, kind = request.args.get("q", "").strip(), request.args.get("state", "")
     offset = max(0, request.args.get("offset", 0, type=int) or 0)
     rows, total = keyops.page(PAGE, offset, search, kind)
-    return render_template("console/keys.html", rows=[keyops.view(r, _defaults()) for r in rows], total=total,
+    defaults = _defaults()
+    return render_template("console/keys.html", rows=[keyops.view(r, defaults) for r in rows], total=total,
                            offset=offset, page=PAGE, q=search, state=kind, fields=_fields())
 
 
@@ -173,18 +176,13 @@ def create_key():
 def key_page():
     row = keyops.get(request.args.get("name", ""))
     info = keyops.view(row, _defaults())
-    since = month_start()
-    days = {r.group: r for r in reports.usage("day", row.name, since=since)}
-    series = days_from(since.date(), 30)
-    chart = bars([(d[5:], days[d].requests if d in days else 0) for d in series], f"Requests of {row.name}, "
-                 f"30 days")
+    chart, by_model = _thirty_days(row.name, f"Requests of {row.name}, 30 days")
     ledger, _ = reports.ledger(key_id=row.id, limit=20)
     remaining = None
     if not row.revoked and not row.admin:
-        limits = _limits(row)
-        remaining = state().limiter.peek(row.id, *limits)
+        remaining = state().limiter.peek(row.id, *state().limits_for(row))
     return render_template("console/key.html", key=info, chart=chart, ledger=ledger, remaining=remaining,
-                           fields=_fields(), by_model=reports.usage("model", row.name, since=since))
+                           fields=_fields(), by_model=by_model)
 
 
 @bp.post("/key/update")
@@ -231,13 +229,10 @@ def me():
     row = _my_key()
     if row is None:
         return render_template("console/me_signin.html")
-    since = month_start()
-    days = {r.group: r for r in reports.usage("day", row.name, since=since)}
-    series = days_from(since.date(), 30)
-    chart = bars([(d[5:], days[d].requests if d in days else 0) for d in series], "My requests, 30 days")
-    remaining = state().limiter.peek(row.id, *_limits(row))
+    chart, by_model = _thirty_days(row.name, "My requests, 30 days")
+    remaining = state().limiter.peek(row.id, *state().limits_for(row))
     return render_template("console/me.html", key=keyops.view(row, _defaults()), chart=chart, remaining=remaining,
-                           by_model=reports.usage("model", row.name, since=since))
+                           by_model=by_model)
 
 
 @bp.post("/me")
@@ -274,13 +269,15 @@ def _my_key() -> ApiKey | None:
 # --------------------------------------------------------------------------------------------------
 
 def _defaults() -> keyops.Defaults:
-    limits = state().catalog.limits
-    return keyops.Defaults(limits.rpm, limits.rpd)
+    return keyops.Defaults.of(state().catalog)
 
 
-def _limits(row: ApiKey) -> tuple[int | None, int | None]:
-    d = state().catalog.limits
-    return keys.effective_limit(row.rpm, d.rpm), keys.effective_limit(row.rpd, d.rpd)
+def _thirty_days(name: str, title: str) -> tuple[str, list]:
+    """A key's page: its requests per day of the last 30 (an SVG bar chart) and its usage by model since then."""
+    since = month_start()
+    days = {r.group: r for r in reports.usage("day", name, since=since)}
+    chart = bars([(d[5:], days[d].requests if d in days else 0) for d in days_from(since.date(), 30)], title)
+    return chart, reports.usage("model", name, since=since)
 
 
 def _fields() -> list[tuple[str, str, str]]:

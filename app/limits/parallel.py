@@ -32,7 +32,6 @@ import threading
 import time
 from typing import Callable
 
-from ..errors import ServiceUnavailable
 from ..errors import TooManyParallel
 from ..text import plural
 from .ratelimit import RateLimiter
@@ -85,16 +84,14 @@ class ParallelSlots:
         try:
             before = self.limiter.storage.get(self.counter(key_id, epoch - 1))    # first: see the module's why
             now = self.limiter.count_up(current, EXPIRY)
-            if before + now > limit:
+            over = before + now > limit
+            if over:
                 self.limiter.count_down(current, EXPIRY)
-                raise TooManyParallel(f"Too many parallel requests: this key may have {plural(limit, 'request')} "
-                                      f"in flight at once, and has {limit}. Retry when one of them has ended.")
-        except TooManyParallel:
-            raise
         except Exception as err:
-            log.error("rate-limit storage failed for parallel slots: %s", err)
-            raise ServiceUnavailable("The rate-limit storage is unavailable, so requests are refused rather than "
-                                     "let through unlimited; try again shortly.", code="ratelimit_unavailable") from err
+            raise self.limiter.unavailable(err) from err
+        if over:
+            raise TooManyParallel(f"Too many parallel requests: this key may have {plural(limit, 'request')} "
+                                  f"in flight at once, and has {limit}. Retry when one of them has ended.")
         slot = Slot(key_id, epoch)
         with self._lock:
             self._live.add(slot)

@@ -194,7 +194,7 @@ class RateLimiter:
                 if used_m > rpm:
                     return Decision(rpm, rpd, rpm, self.storage.get(d_key), m_reset, d_reset, refused="minute")
             except Exception as err:
-                raise self._unavailable(err) from err
+                raise self.unavailable(err) from err
             if used_d > rpd:
                 return Decision(rpm, rpd, used_m - 1, rpd, m_reset, d_reset, refused="day")
             return Decision(rpm, rpd, used_m, used_d, m_reset, d_reset)
@@ -209,7 +209,7 @@ class RateLimiter:
                 self._give_back(m_key, m_exp)
                 return Decision(rpm, rpd, used_m - 1, rpd, m_reset, d_reset, refused="day")
         except Exception as err:
-            raise self._unavailable(err) from err
+            raise self.unavailable(err) from err
         return Decision(rpm, rpd, used_m, used_d, m_reset, d_reset)
 
     def _hit_some(self, m_key: str, d_key: str, m_reset: float, d_reset: float, rpm: int | None,
@@ -231,7 +231,7 @@ class RateLimiter:
                         self._give_back(m_key, m_exp)
                     return Decision(rpm, rpd, max(0, used_m - 1), rpd, m_reset, d_reset, refused="day")
         except Exception as err:
-            raise self._unavailable(err) from err
+            raise self.unavailable(err) from err
         return Decision(rpm, rpd, used_m, used_d, m_reset, d_reset)
 
     def peek(self, key_id: int, rpm: int | None, rpd: int | None) -> Decision:
@@ -241,7 +241,7 @@ class RateLimiter:
             return Decision(rpm, rpd, self.storage.get(m_key) if rpm is not None else 0,
                             self.storage.get(d_key) if rpd is not None else 0, m_reset, d_reset)
         except Exception as err:
-            raise self._unavailable(err) from err
+            raise self.unavailable(err) from err
 
     def check(self) -> bool:
         try:
@@ -249,7 +249,9 @@ class RateLimiter:
         except Exception:
             return False
 
-    def _unavailable(self, err: Exception) -> ServiceUnavailable:
+    def unavailable(self, err: Exception) -> ServiceUnavailable:
+        """The 503 for a failure of the storage (logged here): the limiter fails closed, and so do the parallel
+        slots (app/limits/parallel.py) that count on it."""
         log.error("rate-limit storage %s failed: %s", self.storage.__class__.__name__, err)
         return ServiceUnavailable("The rate-limit storage is unavailable, so requests are refused rather than "
                                   "let through unlimited; try again shortly.", code="ratelimit_unavailable")

@@ -31,7 +31,6 @@ from ..errors import ServiceUnavailable
 from ..errors import UpstreamError
 from ..errors import UpstreamTimeout
 from ..jsonio import loads
-from .apis import CHAT
 from .apis import Api
 from .rename import ModelName
 from .sse import EventRelay
@@ -43,7 +42,6 @@ from .client import iter_raw
 from .client import reason
 from .routing import Answer
 from .routing import Router
-from .routing import open_direct
 
 log = logging.getLogger("boundless")
 
@@ -57,7 +55,7 @@ Finish = Callable[[Lease, Outcome], None]
 
 
 def upstream_failure(resp: Response, body: bytes, model: Model,
-                     api: Api = CHAT) -> GatewayError | tuple[bytes, int, dict]:
+                     api: Api) -> GatewayError | tuple[bytes, int, dict]:
     """Map a non-2xx upstream answer to what the caller gets (see the README's error table)."""
     status = resp.status_code
     provider = model.provider.name
@@ -83,23 +81,23 @@ def upstream_failure(resp: Response, body: bytes, model: Model,
 
 
 def forward(client: UpstreamClient, model: Model, body: dict, lease: Lease, started: float,
-            finish: Finish, streams: OpenStreams, client_socket=None, api: Api = CHAT,
-            caller_headers: dict | None = None, router: Router | None = None
+            finish: Finish, streams: OpenStreams, client_socket, api: Api, caller_headers, router: Router
             ) -> tuple[Iterator[bytes] | bytes, int, dict]:
     """Send the request upstream; return (body or stream of bytes, status, headers) for the caller.
 
     ``router`` picks the route, key and fallback model that answer, retrying before the relay starts
-    (app/upstream/routing.py); without one, the model's first route is called once.
-    Failures before anything was relayed raise a :class:`GatewayError` after settling the lease (at no cost).
+    (app/upstream/routing.py). Failures before anything was relayed raise a :class:`GatewayError` after
+    settling the lease (at no cost).
 
-    :param api: the provider API of the call (chat completions by default).
-    :param caller_headers: the caller's request headers, of which ``api`` forwards its own few.
+    :param api: the provider API of the call.
+    :param caller_headers: the caller's request headers (a mapping read with ``.get``), of which ``api`` forwards
+        its own few.
     """
     stream = lease.stream
     outcome = Outcome()
     what = api.answer
     try:
-        resp, answer = _open(client, router, model, body, lease, outcome, api, caller_headers or {})
+        resp, answer = _open(router, model, body, lease, outcome, api, caller_headers)
     except GatewayError as err:
         _finish(lease, outcome, "no_route" if err.status == 503 else "upstream_unreachable", started, finish)
         raise err
@@ -144,8 +142,8 @@ def forward(client: UpstreamClient, model: Model, body: dict, lease: Lease, star
             200, {**STREAM_HEADERS, "Content-Type": "text/event-stream; charset=utf-8"})
 
 
-def _open(client: UpstreamClient, router: Router | None, model: Model, body: dict, lease: Lease,
-          outcome: Outcome, api: Api, caller_headers: dict) -> tuple[Response, Answer]:
+def _open(router: Router, model: Model, body: dict, lease: Lease, outcome: Outcome, api: Api,
+          caller_headers) -> tuple[Response, Answer]:
     """Open the upstream call (through the router's routes, keys and fallbacks); note on ``outcome`` who
     answered and every call it took, and on the lease's context the ``X-Boundless-*`` headers for the caller
     (added to whatever the caller gets, by the view's blueprint)."""
@@ -154,17 +152,14 @@ def _open(client: UpstreamClient, router: Router | None, model: Model, body: dic
     try:
         payload_for = lambda m: api.payload(body, m, stream)     # noqa: E731 (each route's upstream name)
         headers = api.headers(caller_headers)
-        if router is None:
-            resp, answer = open_direct(client, model, payload_for, stream, api.path, headers)
-        else:
-            resp, answer = router.open(model, payload_for, stream, attempts, api.path, headers)
+        resp, answer = router.open(model, payload_for, stream, attempts, api.path, headers)
     except GatewayError:
         if attempts:
             outcome.provider = attempts[-1]["provider"]
             lease.context["route_headers"] = {"X-Boundless-Model": attempts[-1]["model"],
                                               "X-Boundless-Route": attempts[-1]["provider"]}
         raise
-    outcome.model, outcome.provider, outcome.attempts = answer.model, answer.provider, answer.attempts
+    outcome.model, outcome.provider = answer.model, answer.provider      # (router.open filled ``attempts``)
     lease.context["route_headers"] = answer.headers()
     return resp, answer
 
@@ -194,7 +189,7 @@ def _json_object(data: bytes) -> dict | None:
 
 
 def relay_stream(resp: Response, lease: Lease, outcome: Outcome, provider: str, relay: EventRelay,
-                 started: float, finish: Finish, streams: OpenStreams, api: Api = CHAT) -> Iterator[bytes]:
+                 started: float, finish: Finish, streams: OpenStreams, api: Api) -> Iterator[bytes]:
     """Yield the upstream's events as they arrive; settle in ``finally`` however the stream ends.
 
     A stream whose usage has arrived is settled just before its ``[DONE]`` goes out, not after: the OpenAI

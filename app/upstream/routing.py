@@ -270,15 +270,6 @@ def _nothing_to_call(model: Model, missing: list[str], cooling: list[float]) -> 
         code="provider_key_missing")
 
 
-def open_direct(client: UpstreamClient, model: Model, payload_for: PayloadFor, stream: bool,
-                path: str | None = None, headers: dict | None = None) -> tuple[Response, Answer]:
-    """One call to the model's first route and key, without retries (a caller that has no router)."""
-    cand = plan_of(model)[0][0][1][0]
-    t0 = time.perf_counter()
-    resp = client.open(cand.call_model, payload_for(cand.call_model), stream, path, headers)
-    return resp, Answer(cand, [_attempt(cand, f"http_{resp.status_code}", t0, None)])
-
-
 def missing_keys(model: Model) -> list[str]:
     """The key variables ``model`` lacks when none of its routes has a key set (else empty): such a model
     cannot be called, and is left out of ``/models``."""

@@ -137,14 +137,16 @@ class _TypedRelay(EventRelay):
         super().__init__(strip_usage_chunk=False, model=model)
 
     def _observe(self, event: bytes) -> tuple[bytes, bool]:
+        kind = _event_name(event)
+        if kind is not None and kind in self.content and (b"\ndata:" in event or b"\rdata:" in event):
+            return event, True                         # the bulk of a stream: neither parsed nor renamed
         data = _data(event)
         if data is None:
             return event, False
-        kind = _event_name(event)
         if kind is None:                               # no "event:" line: the data's own "type" says it
             m = _TYPE.search(data)
             kind = m.group(1) if m is not None else b""
-        if kind in self.content:                       # the bulk of a stream: neither read nor renamed
+        if kind in self.content:
             return event, True
         if self.model is not None:
             event = self.model.event(event)
