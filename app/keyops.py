@@ -152,6 +152,10 @@ def parse(body: dict, update: bool, tz: datetime.tzinfo | None = None) -> dict:
         if parser is None:
             raise InvalidRequest(f"unknown field '{name}'; a key takes {', '.join(sorted(known))}", param=name)
         out[name] = parser(value, name, update, tz)
+    if not update and ("budget" in out) != ("budget_period" in out):     # a new key's budget needs both
+        missing = "budget_period" if "budget" in out else "budget"
+        raise InvalidRequest("'budget' and 'budget_period' go together (e.g. budget 10, budget_period month)",
+                             param=missing)
     return out
 
 
@@ -231,8 +235,10 @@ def create(actor: str, name, fields: dict) -> tuple[str, ApiKey]:
     with db.atomic():
         try:
             key = keys.create(name, **_keywords(fields))
-        except ConfigurationError as err:      # a race on the name, or a value keys.py refuses
+        except keys.KeyExists as err:          # a race on the name
             raise Conflict(str(err), param="name", code="key_exists") from None
+        except ConfigurationError as err:      # a value keys.py refuses
+            raise InvalidRequest(str(err)) from None
         audit.record(actor, "key.create", name, _shown(fields))
     return key, keys.get(name)
 

@@ -23,6 +23,7 @@ from peewee import IntegrityError
 
 from .accounting import budget as budgets
 from .accounting.credits import to_micro
+from .accounting.ledger_sql import lock_key
 from .policy import patterns
 from .errors import ConfigurationError
 from .store.models import ApiKey
@@ -31,6 +32,10 @@ from .store.models import db
 from .store.models import utcnow
 
 PREFIX_LEN = 8
+
+
+class KeyExists(ConfigurationError):
+    """:func:`create`: a key of that name exists already."""
 
 
 def mint() -> str:
@@ -166,7 +171,7 @@ def create(name: str, rpm: int | None = None, rpd: int | None = None, credit: De
                                 max_parallel=max_parallel, admin=bool(admin))
             CreditEntry.create(key=row, amount=opening, kind="open")
     except IntegrityError as err:
-        raise ConfigurationError(f"a key named {name!r} already exists") from err
+        raise KeyExists(f"a key named {name!r} already exists") from err
     return key
 
 
@@ -236,7 +241,7 @@ def _budget_fields(row: ApiKey, amount, period, tz: datetime.tzinfo) -> dict:
     if amount is None:                                  # --budget none: no cap, nothing counted
         return {ApiKey.budget: None, ApiKey.budget_period: None, ApiKey.budget_spent: 0,
                 ApiKey.budget_period_start: None}
-    budgets.lock_row(row.id)                            # reservations and settlements wait: the count stays exact
+    lock_key(db, db.execute_sql, row.id)                # reservations and settlements wait: the count stays exact
     current = ApiKey.get_by_id(row.id)
     kind = current.budget_period if period is _UNSET else period
     if kind is None:

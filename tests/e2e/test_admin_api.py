@@ -98,6 +98,8 @@ def test_create_get_list_update_topup_revoke(gw, admin):
     refused(call(gw, "POST", "/keys", admin, {"rpm": 3}), 400, "invalid_request", "name")
     refused(call(gw, "POST", "/keys", admin, {"name": "b", "rpm": 0}), 400, "invalid_request", "rpm")
     refused(call(gw, "POST", "/keys", admin, {"name": "b", "rpm": True}), 400, "invalid_request", "rpm")
+    refused(call(gw, "POST", "/keys", admin, {"name": "b", "budget": "5"}), 400, "invalid_request", "budget_period")
+    refused(call(gw, "POST", "/keys", admin, {"name": "b", "budget_period": "day"}), 400, "invalid_request", "budget")
     refused(call(gw, "POST", "/keys", admin, {"name": "b", "credit": "1.0000001"}), 400, "invalid_request",
             "credit")
     refused(call(gw, "POST", "/keys", admin, {"name": "b", "credit": -1}), 400, "invalid_request", "credit")
