@@ -270,6 +270,21 @@ def ledger_csv(rows: list[dict]) -> str:
     return out.getvalue()
 
 
+USAGE_COLUMNS = ("requests", "prompt_tokens", "completion_tokens", "credits", "estimated", "refused")
+
+
+def usage_csv(rows: list[UsageRow], by: str) -> str:
+    """The usage report as CSV, one row per group (``by``), with a header row; ``refused`` is the group's
+    refusals of every reason together (the console's download)."""
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow((by, *USAGE_COLUMNS))
+    for r in rows:
+        writer.writerow((_csv_cell(str(r.group or "")), r.requests, r.prompt_tokens, r.completion_tokens,
+                         amount(r.charge), r.estimated, sum(r.refused.values())))
+    return out.getvalue()
+
+
 def _csv_cell(value):
     # A cell starting with = + - @ is a formula to a spreadsheet: a model name or key name is the caller's text.
     if isinstance(value, str) and value[:1] in ("=", "+", "-", "@", "\t", "\r"):
@@ -277,4 +292,5 @@ def _csv_cell(value):
     return value
 
 
-__all__ = ["GROUPS", "LEDGER_COLUMNS", "UsageRow", "failures", "ledger", "ledger_csv", "ledger_row", "parse_moment", "usage"]
+__all__ = ["GROUPS", "LEDGER_COLUMNS", "UsageRow", "failures", "ledger", "ledger_csv", "ledger_row", "parse_moment", "usage",
+           "usage_csv"]

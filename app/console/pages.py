@@ -22,6 +22,7 @@ from ..accounting import reports
 from ..accounting.credits import amount
 from ..accounting.credits import to_credits
 from ..state import state
+from ..upstream import routing
 
 
 @bp.get("/")
@@ -71,7 +72,7 @@ def usage_page():
     since, until, error = _period(args)
     rows = reports.usage(by, key_name, model, since, until) if error is None else []
     if args.get("format") == "csv":
-        return _csv_response(_usage_csv(rows, by), f"usage-by-{by}.csv")
+        return _csv_response(reports.usage_csv(rows, by), f"usage-by-{by}.csv")
     chart = bars([(str(r.group or "-"), r.requests) for r in rows[-60:]], f"Requests by {by}")
     return render_template("console/usage.html", rows=rows, by=by, chart=chart, error=error, amount=amount,
                            args=args, groups=reports.GROUPS)
@@ -92,33 +93,29 @@ def ledger_page():
     return render_template("console/ledger.html", rows=rows, after=after, args=args, error=error)
 
 
+#: Audit entries per page.
+AUDIT_PAGE = 100
+
+
 @bp.get("/audit")
 def audit_page():
     offset = max(0, request.args.get("offset", 0, type=int) or 0)
-    entries = [audit.as_dict(e) for e in audit.recent(100, offset, target=request.args.get("target") or None)]
-    return render_template("console/audit.html", entries=entries, offset=offset)
+    target = request.args.get("target") or None
+    entries = [audit.as_dict(e) for e in audit.recent(AUDIT_PAGE, offset, target=target)]
+    return render_template("console/audit.html", entries=entries, offset=offset, page=AUDIT_PAGE, target=target)
 
 
 @bp.get("/providers")
 def providers_page():
-    """The catalogue's providers and models; the state of each route once routing (issue 17) reports it."""
-    cat = state().catalog
+    """The catalogue's providers and models, and every model's routes with their state as this worker sees
+    them (``GET /api/v1/providers``'s view: app/upstream/routing.py ``health``)."""
+    gw = state()
+    cat = gw.catalog
     providers = [{"name": name, "models": sorted(m.id for m in cat.models.values() if m.provider.name == name)}
                  for name in sorted({m.provider.name for m in cat.models.values()})]
-    routing = None          # TO CONNECT: routing's state function (issue 17), a list of dicts per route
-    return render_template("console/providers.html", providers=providers, routing=routing)
-
-
-def _usage_csv(rows: list[reports.UsageRow], by: str) -> str:
-    lines = [f"{by},requests,prompt_tokens,completion_tokens,credits,estimated,refused"]
-    for r in rows:
-        group = str(r.group or "")
-        if group[:1] in ("=", "+", "-", "@"):          # a spreadsheet would run it as a formula
-            group = "'" + group
-        group = '"' + group.replace('"', '""') + '"'
-        lines.append(f"{group},{r.requests},{r.prompt_tokens},{r.completion_tokens},{amount(r.charge)},"
-                     f"{r.estimated},{sum(r.refused.values())}")
-    return "\n".join(lines) + "\n"
+    health = routing.health(cat, gw.router.cooldowns)
+    routes = [{"model": m["id"], **r, "fallbacks": m["fallback_models"]} for m in health["models"] for r in m["routes"]]
+    return render_template("console/providers.html", providers=providers, routes=routes)
 
 
 def _csv_response(text: str, filename: str) -> Response:

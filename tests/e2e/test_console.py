@@ -225,6 +225,17 @@ def test_a_form_without_its_csrf_token_is_refused(page, gw):
     assert forged.status_code == 400 and "forged2" not in gw.cli("keys", "list").stdout
 
 
+def test_providers_page_shows_every_route_and_its_state(page, gw):
+    sign_in(page)
+    page.goto("/console/providers")
+    rows = page.locator("h2:has-text('Routes') + p + div table tbody tr")
+    cells = {tuple(rows.nth(i).locator("td").all_inner_texts()[:5]) for i in range(rows.count())}
+    assert ("paid-model", "mock", "mock-paid", "", "ok") in cells, cells
+    assert ("free-model", "mock", "mock-model", "", "ok") in cells, cells
+    assert "sk-" not in page.content() and "MOCK_PROVIDER_KEY" not in page.content()   # no key, no key variable
+    page.screenshot(path=str(IMG / "console-providers.png"), full_page=True)
+
+
 def test_headers_cookies_and_console_off(gw, tmp_path, mock):
     page = requests.get(gw.url + "/console/signin", timeout=10)
     csp = page.headers["Content-Security-Policy"]
