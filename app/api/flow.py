@@ -33,10 +33,6 @@ from ..upstream import guard
 from ..upstream import proxy
 from ..upstream.apis import Api
 
-#: The header that names the provider's own name for the model (the body's ``model`` is the catalogue id).
-UPSTREAM_MODEL_HEADER = "X-Boundless-Upstream-Model"
-
-
 def read_json_object(docs: str) -> tuple[bytes, dict]:
     """The raw body and its JSON object, with a string ``model``.
 
@@ -130,6 +126,5 @@ def relay(api: Api, key: KeyInfo, model: Model, body: dict, raw: bytes, stream: 
                                              router=gw.router)
         if not isinstance(out, bytes):
             out = guard.stream_net(out, lease, api.sse_error)
-    headers[UPSTREAM_MODEL_HEADER] = model.upstream_model
     return Response(out, status=status, headers=headers)
 

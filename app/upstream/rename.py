@@ -3,7 +3,7 @@ app.upstream.rename
 ~~~~~~~~~~~~~~~~~~~
 
 The answer's ``model`` field names the catalogue id the caller asked for, not the provider's name for it
-(that one goes to the caller in the ``X-Boundless-Upstream-Model`` header).
+(that one goes to the caller in the ``X-Boundless-Upstream-Model`` header: app/upstream/routing.py ``Answer``).
 
 Only that value is replaced, in the answer's bytes: the rest of a JSON answer or an SSE event stays as the
 provider wrote it. The value replaced is the first ``"model": "..."`` member of the text. A JSON string cannot

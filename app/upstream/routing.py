@@ -84,7 +84,10 @@ class Answer:
         return self.candidate.route.provider.name
 
     def headers(self) -> dict[str, str]:
-        return {"X-Boundless-Model": self.model.id, "X-Boundless-Route": self.provider}
+        """Who answered: the catalogue model (the one asked for or a fallback), its provider, and the provider's
+        name for the model (the route's ``upstream_model``)."""
+        return {"X-Boundless-Model": self.model.id, "X-Boundless-Route": self.provider,
+                "X-Boundless-Upstream-Model": self.candidate.route.upstream_model}
 
 
 PayloadFor = Callable[[Model], bytes]

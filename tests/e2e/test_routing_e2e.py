@@ -195,7 +195,8 @@ def test_every_failure_is_tried_past_and_the_answering_model_is_charged_once(kin
             first = raw_chat(gw, key, "routed")
             answer = first.parse()
             assert answer.choices[0].message.content == "from good"
-            assert (first.headers["X-Boundless-Model"], first.headers["X-Boundless-Route"]) == ("backup", "good")
+            assert (first.headers["X-Boundless-Model"], first.headers["X-Boundless-Route"],
+                    first.headers["X-Boundless-Upstream-Model"]) == ("backup", "good", "good-up")
             assert limited.calls == [("limited-key", "limited-up", False)]    # each upstream model as its route says
             assert down.calls == [("down-key", "down-up", False)]
             assert good.calls[-1] == ("good-key", "good-up", False)
