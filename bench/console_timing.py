@@ -15,7 +15,6 @@ import datetime
 import logging
 import os
 import statistics
-import tempfile
 import time
 from pathlib import Path
 
@@ -91,8 +90,7 @@ def main() -> None:
     parser.add_argument("-n", type=int, default=5, help="calls per point (default 5)")
     args = parser.parse_args()
     os.environ.setdefault("BOUNDLESS_INSTANCE_ID", "bench")
-    with tempfile.TemporaryDirectory():
-        rows = run(args.database_url, args.n)
+    rows = run(args.database_url, args.n)
     print(f"| {args.database_url.split('://')[0]} | median ms | max ms |\n|---|---:|---:|")
     for name, med, worst in rows:
         print(f"| {name} | {med:.0f} | {worst:.0f} |")

@@ -113,8 +113,7 @@ def seed(url: str, keys: int = 500, rows: int = 1_000_000, days: int = 90, seed_
             cur.executemany(f"INSERT INTO {q.format('credit_entry')} (key_id, amount, kind, created_at) "
                             f"VALUES ({p}, {p}, 'open', {p})",
                             [(k, balances[k] + spent[k], first - datetime.timedelta(days=1)) for k in key_ids])
-            if hasattr(schema, "fill_usage_day"):      # v7 on: the daily roll-up, as `db upgrade` fills it
-                schema.fill_usage_day(database)
+            schema.fill_usage_day(database)           # the daily roll-up, as `db upgrade` fills it
         if sqlite or postgres:
             database.execute_sql("ANALYZE")
     database.close()
